@@ -1,0 +1,129 @@
+"""``sitegen build``: collect (model, images, layers), run the passes (cached), render, publish."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import progress
+from .config import Config
+from .context import BuildContext
+from .images import discover as discover_images
+from .images import probe_input
+from .layers import LayerInfo, ReceptiveField
+from .layers import discover as discover_layers
+from .layers import select
+from .model_loading import LoadedModel, load_model
+from .output import check_target, discard, publish, staging_dir
+from .passes import default_passes
+from .passes.base import Cache, Result, run_cached
+from .render.site import RenderOptions, render
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sitegen"
+
+
+@dataclass
+class BuildReport:
+    index: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    images: int = 0
+    skipped: int = 0
+    layers: int = 0
+    channels: int = 0
+
+
+def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
+    """Layer discovery (a probe forward/backward per layer) is cached like a pass result."""
+    key = f"layers-v1-{model.weights_hash[:16]}-{abs(hash(model.arch)) % 10**8:08d}-{'x'.join(map(str, input_shape))}"
+    path = cache / f"{key}.json" if cache else None
+    if path and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("arch") == model.arch:
+                return [LayerInfo(**{**d, "shape": tuple(d["shape"]), "rf": ReceptiveField(**d["rf"])})
+                        for d in data["layers"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    layers = discover_layers(model.model, input_shape)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"arch": model.arch, "layers": [l.to_dict() for l in layers]}), encoding="utf-8")
+        os.replace(tmp, path)
+    return layers
+
+
+def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
+            cache_dir: Path | None) -> BuildContext:
+    """Everything a pass needs, with every input checked before any output is written."""
+    loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
+    images = discover_images(images_dir, cfg.data.max_images)
+    for rel, reason in images.skipped[:5]:
+        progress.info(f"warning: skipping {rel}: {reason}")
+    if len(images.skipped) > 5:
+        progress.info(f"warning: skipping {len(images.skipped) - 5} more files (listed on the atlas's index page)")
+    h, w = probe_input(images, cfg.data)
+    all_layers = cached_layers(loaded, (3, h, w), cache_dir)
+    chosen = select(all_layers, cfg.layers)
+    return BuildContext(config=cfg, model=loaded, images=images, layers=chosen, all_layers=all_layers,
+                        input_size=(h, w))
+
+
+def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:
+    results: dict[str, Result] = {}
+    ctx.results = results
+    for p in default_passes(ctx.config):
+        t = time.perf_counter()
+        results[p.name], report.cached[p.name] = run_cached(p, ctx, cache)
+        report.timings[f"pass:{p.name}"] = time.perf_counter() - t
+        if report.cached[p.name]:
+            progress.info(f"{p.name}: cached result reused")
+    return results
+
+
+def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: Config, *,
+          force: bool = False, cache_dir: Path | None = None) -> BuildReport:
+    out = Path(out)
+    check_target(out, force)
+    t0 = time.perf_counter()
+    ctx = prepare(model_path, images_dir, cfg, cache_dir)
+    report = BuildReport(index=out / "index.html", images=len(ctx.images),
+                         layers=len(ctx.layers), channels=sum(l.channels for l in ctx.layers))
+    report.timings["prepare"] = time.perf_counter() - t0
+    progress.info(f"{len(ctx.images)} images, {report.layers} layers, {report.channels} channels, "
+                  f"device {ctx.device.type}")
+    results = run_passes(ctx, Cache(cache_dir), report)
+    report.skipped = len(ctx.images.skipped) + len(results["topk"].arrays["failed"])
+    t = time.perf_counter()
+    title = cfg.site.title or f"{Path(model_path).name} atlas"
+    staged = staging_dir(out)
+    try:
+        render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size))
+        publish(staged, out)
+    except BaseException:
+        discard(staged)
+        raise
+    report.timings["render"] = time.perf_counter() - t
+    report.timings["total"] = time.perf_counter() - t0
+    return report
+
+
+def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Config:
+    """The config file (or defaults) with command-line flags per section laid over it."""
+    cfg = config_mod.load(path)
+    for section, values in sections.items():
+        if section == "layers":
+            if values:
+                cfg = dataclasses.replace(cfg, layers=tuple(values))
+            continue
+        cfg = config_mod.with_overrides(cfg, section, **values)
+    return cfg

@@ -1,0 +1,98 @@
+"""What every analysis pass gets: the model, the images, the selected layers, the device.
+
+Collected once before any pass runs (MkDocs-style: collect, then compute, then render).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import Config, as_dict
+from .images import ImageList, PixelDataset, normalise
+from .layers import LayerInfo
+from .model_loading import LoadedModel
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_workers() -> int:
+    """DataLoader decoding processes: none on tiny machines, where they only compete with compute."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus - 1)
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor
+    """Image indices (into ``ctx.images``) of this batch, int64, on the CPU."""
+    pixels: torch.Tensor
+    """uint8 (N, H, W, 3), on the CPU."""
+    inputs: torch.Tensor
+    """Normalised float (N, 3, H, W) on the device."""
+    ok: torch.Tensor
+    """bool (N,): False where the image could not be decoded (its pixels are zeros)."""
+    errors: list[str]
+
+
+@dataclass
+class BuildContext:
+    config: Config
+    model: LoadedModel
+    images: ImageList
+    layers: list[LayerInfo]
+    """The selected layers, in execution order."""
+    all_layers: list[LayerInfo]
+    input_size: tuple[int, int]
+    device: torch.device = field(default_factory=default_device)
+    workers: int = field(default_factory=default_workers)
+    results: dict = field(default_factory=dict)
+    """Results of the passes run so far, by pass name (later passes read earlier ones)."""
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.model.model
+
+    def layer(self, name: str) -> LayerInfo:
+        return next(l for l in self.all_layers if l.name == name)
+
+    def identity(self) -> dict:
+        """What results depend on, besides a pass's own config (for cache keys)."""
+        return {
+            "weights": self.model.weights_hash,
+            "arch": self.model.arch,
+            "images": self.images.digest(),
+            "data": as_dict(self.config.data),
+            "layers": [l.name for l in self.layers],
+            "input": list(self.input_size),
+        }
+
+    def batch_size(self, requested: int = 0) -> int:
+        if requested:
+            return requested
+        # 64 is where per-image time bottoms out on 2 CPU cores (measured in bench/); GPUs take more.
+        return 256 if self.device.type == "cuda" else 64
+
+    def batches(self, indices: Sequence[int] | None = None, batch_size: int = 0) -> Iterator[Batch]:
+        """Decoded, normalised batches in index order (failures flagged, never raised)."""
+        idx = list(range(len(self.images))) if indices is None else list(indices)
+        ds = PixelDataset(self.images, self.config.data, idx, self.input_size)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size(batch_size), shuffle=False, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", collate_fn=_collate,
+            persistent_workers=False,
+        )
+        for pixels, ids, errors in loader:
+            inputs = normalise(pixels.to(self.device, non_blocking=True), self.config.data)
+            ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+            yield Batch(indices=ids, pixels=pixels, inputs=inputs, ok=ok, errors=list(errors))
+
+
+def _collate(items):
+    pixels = torch.stack([it[0] for it in items])
+    ids = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    return pixels, ids, [it[2] for it in items]

@@ -1,0 +1,262 @@
+"""Turn what people actually save into a model, safely.
+
+Accepted: a plain state dict; a checkpoint dict holding one under ``state_dict``, ``model``,
+``model_state_dict`` or ``net``; keys with a ``module.`` (DataParallel) or ``_orig_mod.``
+(torch.compile) prefix.  The architecture comes from ``--arch``.  Unpickling a whole ``nn.Module``
+runs code from the file, so it needs ``trust_pickle``; everything else loads with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    weights_hash: str
+    """sha256 of the checkpoint file: part of every cache key."""
+    arch: str
+    path: Path
+    num_classes: int | None
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
+    """``torch.load`` with weights_only unless trusted; every failure becomes one clear message."""
+    name = path.name
+    if not path.exists():
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist", "check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a folder, not a checkpoint file")
+    if _is_torchscript(path):
+        raise ModelLoadError(
+            f"{name} is a TorchScript model; sitegen needs the eager PyTorch model to hook its layers",
+            "save `model.state_dict()` with torch.save and pass the architecture with --arch",
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise ModelLoadError(
+                f"{name} holds pickled Python objects (e.g. a whole nn.Module); unpickling them runs code "
+                "from the file, so sitegen refuses by default",
+                "save `model.state_dict()` and pass --arch; or, only for a file you trust, add --trust-pickle",
+            ) from None
+        raise ModelLoadError(f"{name} is not a readable PyTorch checkpoint ({_short(e)})",
+                             "check that the file was written by torch.save and is complete") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... for damaged files
+        raise ModelLoadError(f"{name} is not a readable PyTorch checkpoint ({_short(e)})",
+                             "check that the file was written by torch.save and is complete") from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract(obj: Any, name: str) -> nn.Module | dict[str, torch.Tensor]:
+    """The model or the state dict inside a loaded checkpoint object."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if _is_state_dict(obj):
+        return strip_prefixes(dict(obj))
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return inner
+            if _is_state_dict(inner):
+                return strip_prefixes(dict(inner))
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise ModelLoadError(
+            f"{name} is a dict without a state dict (keys: {keys})",
+            f"sitegen looks for a dict of tensors, or one under {', '.join(STATE_DICT_KEYS)}",
+        )
+    raise ModelLoadError(f"{name} holds a {type(obj).__name__}, not a model or a state dict",
+                         "save `model.state_dict()` with torch.save")
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove prefixes that wrappers add to every key (DataParallel's ``module.``)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def infer_num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """Output size of the last 2-D weight (the classifier) in the state dict's order."""
+    last = None
+    for k, v in sd.items():
+        if k.endswith("weight") and v.ndim == 2:
+            last = v
+    return int(last.shape[0]) if last is not None else None
+
+
+def _factory_from_spec(spec: str) -> Callable[..., nn.Module]:
+    if ":" not in spec:
+        raise ModelLoadError(
+            f"--arch {spec!r} is not of the form SOURCE:NAME",
+            "use torchvision:resnet50, path/to/net.py:resnet56 or mypkg.models:build",
+        )
+    source, attr = spec.rsplit(":", 1)
+    if source == "torchvision":
+        import torchvision.models as tvm
+
+        if attr not in tvm.list_models():
+            raise ModelLoadError(f"torchvision has no model {attr!r}",
+                                 "`python -c 'import torchvision; print(torchvision.models.list_models())'` lists them")
+        return lambda **kw: tvm.get_model(attr, weights=None, **kw)
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"architecture file {source!r} does not exist", "check the path in --arch")
+        mod_name = f"sitegen_user_arch_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ModelLoadError(f"importing {source} failed: {_short(e)}") from None
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as e:
+            raise ModelLoadError(f"cannot import module {source!r} for --arch ({_short(e)})",
+                                 "check the module name, or give a file path: path/to/net.py:NAME") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise ModelLoadError(f"{source} has no callable {attr!r}",
+                             f"callables there: {', '.join(public[:12])}")
+    return factory
+
+
+def build_architecture(spec: str, sd: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    factory = _factory_from_spec(spec)
+    kwargs: dict[str, Any] = {}
+    n = infer_num_classes(sd) if sd is not None else None
+    if n is not None and _accepts(factory, "num_classes"):
+        kwargs["num_classes"] = n
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"calling {spec} failed: {_short(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str, spec: str) -> None:
+    """Strict load, with the missing, unexpected and mis-shaped keys named on failure."""
+    expected = model.state_dict()
+    # Checkpoints older than PyTorch 0.4.1 lack BatchNorm's counter, which load_state_dict fills in.
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}{', …' if len(unexpected) > 4 else ''})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+        raise ModelLoadError(
+            f"the weights in {name} do not fit the architecture {spec}: {'; '.join(parts)}",
+            "check that --arch names the architecture that saved these weights",
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def check_finite(model: nn.Module, name: str) -> None:
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelLoadError(
+            f"{name} has NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:4])})",
+            "the checkpoint was saved from a diverged run; use an earlier checkpoint",
+        )
+
+
+def load_model(path: str | Path, arch: str = "", trust_pickle: bool = False) -> LoadedModel:
+    """Load a checkpoint into an eval-ready model (the caller's analysis puts it into eval mode)."""
+    p = Path(path)
+    obj = read_checkpoint(p, trust_pickle)
+    content = extract(obj, p.name)
+    if isinstance(content, nn.Module):
+        model = content
+        if arch:
+            sd = strip_prefixes(dict(model.state_dict()))
+            model = build_architecture(arch, sd)
+            load_weights(model, sd, p.name, arch)
+        num_classes = infer_num_classes(model.state_dict())
+        arch_name = arch or f"pickled {type(content).__name__}"
+    else:
+        if not arch:
+            raise ModelLoadError(
+                f"{p.name} holds a state dict; say which architecture built it with --arch",
+                "e.g. --arch torchvision:resnet50, --arch path/to/net.py:resnet56 or --arch mypkg.models:build",
+            )
+        model = build_architecture(arch, content)
+        load_weights(model, content, p.name, arch)
+        num_classes = infer_num_classes(content)
+        arch_name = arch
+    check_finite(model, p.name)
+    model.eval()
+    return LoadedModel(model=model, weights_hash=file_hash(p), arch=arch_name, path=p, num_classes=num_classes)

@@ -1,0 +1,100 @@
+"""Safe output folders: never delete or overwrite a file sitegen did not write.
+
+The site is built in a temporary sibling folder and moved into place at the end.  An atlas folder
+holds a marker (``.sitegen-atlas.json``) listing every file sitegen wrote there; a rebuild removes
+only those.  ``index.html`` is moved last and removed first, so an interrupted swap never leaves a
+folder that looks like a complete atlas.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import SitegenError
+
+MARKER = ".sitegen-atlas.json"
+
+
+class OutputError(SitegenError):
+    pass
+
+
+def _listed(folder: Path) -> list[str] | None:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        files = data["files"]
+        assert isinstance(files, list) and all(isinstance(f, str) for f in files)
+        return files
+    except (OSError, ValueError, KeyError, AssertionError):
+        return None
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse, before any work, a folder that holds files sitegen did not write."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {str(out)!r} is a file, not a folder", "choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if _listed(out) is not None:
+        return
+    if not force:
+        raise OutputError(
+            f"output folder {str(out)!r} is not empty and is not a sitegen atlas",
+            "choose an empty or new --out folder (or --force to add the atlas beside the files there; "
+            "sitegen never deletes files it did not write)",
+        )
+
+
+def staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def publish(staged: Path, out: Path) -> None:
+    """Move a finished build from ``staged`` into ``out``."""
+    new_files = [f for f in _files(staged) if f != MARKER]
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        (staged / MARKER).write_text(json.dumps({"files": new_files}, indent=0), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(staged, out)
+        return
+    old = _listed(out) or []
+    # Take the old atlas down front-page first; remove only files it listed, then their empty folders.
+    for rel in sorted(old, key=lambda f: f != "index.html"):
+        p = out / rel
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    _remove_empty_dirs(out, old)
+    clash = [f for f in new_files if (out / f).exists()]
+    if clash:
+        raise OutputError(f"{len(clash)} files in {str(out)!r} would be overwritten but were not written "
+                          f"by sitegen (e.g. {clash[0]})", "move them away or choose another --out")
+    (out / MARKER).write_text(json.dumps({"files": new_files}, indent=0), encoding="utf-8")
+    for rel in sorted(new_files, key=lambda f: f == "index.html"):
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, dest)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _remove_empty_dirs(out: Path, files: list[str]) -> None:
+    dirs = {(out / f).parent for f in files}
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        while d != out and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
+
+
+def discard(staged: Path) -> None:
+    shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""The analysis-pass interface and its cache.
+
+A pass has a ``name``, a ``version``, a config (a frozen dataclass, part of the cache key) and a
+``run(ctx)`` that returns a :class:`Result`: JSON-able metadata plus NumPy arrays, saved as
+``meta.json`` + ``arrays.npz`` and loaded without pickle.  A new pass fills in ``run``, nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..context import BuildContext
+
+
+@dataclass
+class Result:
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "arrays.npz", **self.arrays)
+        (folder / "meta.json").write_text(json.dumps(self.meta, indent=1, sort_keys=True), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Result":
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        with np.load(folder / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(meta=meta, arrays=arrays)
+
+
+class AnalysisPass:
+    """Subclasses set ``name`` and ``version`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    """Bump when the computation changes: old cached results then no longer match."""
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def run(self, ctx: BuildContext) -> Result:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def cache_key(self, ctx: BuildContext) -> str:
+        """Everything the result depends on: weights, image list, layers, preprocessing, config, version."""
+        payload = {
+            "pass": self.name,
+            "version": self.version,
+            "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else self.config,
+            **ctx.identity(),
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class Cache:
+    """Results on disk under ``root/<pass>-<key>/``; written to a temporary folder and renamed, so a
+    killed build never leaves a half-written entry that looks complete."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def folder(self, p: AnalysisPass, key: str) -> Path | None:
+        return self.root / f"{p.name}-{key}" if self.root else None
+
+    def get(self, p: AnalysisPass, key: str) -> Result | None:
+        folder = self.folder(p, key)
+        if folder is None or not (folder / "meta.json").is_file():
+            return None
+        try:
+            return Result.load(folder)
+        except (OSError, ValueError, KeyError):
+            return None  # damaged entry: recompute
+
+    def put(self, p: AnalysisPass, key: str, result: Result) -> None:
+        folder = self.folder(p, key)
+        if folder is None:
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}-", dir=folder.parent))
+        try:
+            result.save(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_cached(p: AnalysisPass, ctx: BuildContext, cache: Cache) -> tuple[Result, bool]:
+    """The pass's result from the cache, or computed and stored. Returns (result, was_cached)."""
+    key = p.cache_key(ctx)
+    hit = cache.get(p, key)
+    if hit is not None:
+        return hit, True
+    result = p.run(ctx)
+    result.meta.setdefault("pass", p.name)
+    result.meta.setdefault("version", p.version)
+    cache.put(p, key, result)
+    return result, False

@@ -1,0 +1,199 @@
+"""The dataset pass: each channel's top-k distinct images, and running per-channel statistics.
+
+One batched forward over all images.  For every selected layer and channel it keeps the k images
+with the largest spatial maximum of that channel (with the position of the maximum), ties broken
+by the lower image index.  Memory is O(channels × (k + window)): each layer's output is reduced
+inside its forward hook and dropped; the reductions of a window of batches are merged into the
+running top-k at once, which keeps the per-batch work to a handful of tensor operations per layer
+(on the CPU, per-operation overhead, not arithmetic, is what a naive per-batch merge costs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import progress
+from ..config import TopKConfig
+from ..context import BuildContext
+from ..hooks import StopForward, get_module, model_guard, run_until
+from .base import AnalysisPass, Result
+
+WINDOW_IMAGES = 1024
+"""Images whose per-channel maxima are buffered before a merge: bounded memory, few merges."""
+
+
+class RunningTopK:
+    """Streaming top-k per channel over images arriving in increasing index order."""
+
+    def __init__(self, channels: int, k: int, device: torch.device):
+        self.k = k
+        self.values = torch.full((channels, 0), float("-inf"), device=device)
+        self.images = torch.zeros((channels, 0), dtype=torch.int64, device=device)
+        self.pos = torch.zeros((channels, 0), dtype=torch.int64, device=device)
+
+    def threshold(self) -> torch.Tensor:
+        """(C, 1): a new value must exceed this to enter (-inf while fewer than k are kept)."""
+        if self.values.shape[1] < self.k:
+            return torch.full_like(self.values[:, :1], float("-inf")) if self.values.shape[1] else \
+                torch.full((self.values.shape[0], 1), float("-inf"), device=self.values.device)
+        return self.values[:, -1:]
+
+    def merge(self, values: torch.Tensor, images: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merge ``values`` (N, C) of images ``images`` (N,), increasing and all later than the kept
+        ones; ``pos`` (N, C) holds the map position of every entry that can enter (others -1).
+
+        Among equal values the kept entries are already ordered by image index and the new ones
+        follow in index order, so a stable descending sort breaks ties by the lower image index.
+        """
+        c = values.shape[1]
+        v = torch.cat([self.values, values.T], dim=1)
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.values = v.gather(1, order)
+        self.images = torch.cat([self.images, images.expand(c, -1)], dim=1).gather(1, order)
+        self.pos = torch.cat([self.pos, pos.T], dim=1).gather(1, order)
+
+
+class RunningStats:
+    """Per-channel statistics over images, for the dead- and dull-channel reports."""
+
+    def __init__(self, channels: int, device: torch.device):
+        z = lambda: torch.zeros(channels, dtype=torch.float64, device=device)  # noqa: E731
+        self.n = 0
+        self.sum, self.sumsq, self.fires = z(), z(), z()
+        self.max = torch.full((channels,), float("-inf"), dtype=torch.float64, device=device)
+
+    def update(self, spatial_max: torch.Tensor, spatial_mean: torch.Tensor) -> None:
+        m = spatial_mean.double()
+        self.n += m.shape[0]
+        self.sum += m.sum(0)
+        self.sumsq += (m * m).sum(0)
+        self.fires += (spatial_max > 0).sum(0)
+        if len(spatial_max):
+            self.max = torch.maximum(self.max, spatial_max.amax(0).double())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        n = max(self.n, 1)
+        mean = self.sum / n
+        var = (self.sumsq / n - mean * mean).clamp_min(0)
+        return {"mean": mean.cpu().numpy(), "std": var.sqrt().cpu().numpy(),
+                "max": self.max.cpu().numpy(), "fire_rate": (self.fires / n).cpu().numpy()}
+
+
+class LayerReducer:
+    """Forward hook folding one layer's output into buffered per-channel maxima and means, plus the
+    argmax position of the few entries that beat the current k-th value (the only ones that can
+    enter the top-k); ``flush`` merges the buffer into the running top-k and statistics."""
+
+    def __init__(self, channels: int, k: int, device: torch.device):
+        self.top = RunningTopK(channels, k, device)
+        self.stats = RunningStats(channels, device)
+        self.images = torch.zeros(0, dtype=torch.int64)
+        self.ok: torch.Tensor | None = None
+        self._thresh = self.top.threshold()
+        self._maxima: list[torch.Tensor] = []
+        self._means: list[torch.Tensor] = []
+        self._pos: list[torch.Tensor] = []
+        self._ids: list[torch.Tensor] = []
+
+    def __call__(self, _module, _inputs, out: torch.Tensor) -> None:
+        maxima, means = out.amax(dim=(2, 3)), out.mean(dim=(2, 3))
+        if self.ok is not None:  # images that failed to decode never enter a top-k nor the stats
+            maxima = maxima.masked_fill(~self.ok[:, None], float("-inf"))
+        pos = torch.full(maxima.shape, -1, dtype=torch.int64, device=maxima.device)
+        n, c = torch.nonzero(maxima > self._thresh.T, as_tuple=True)
+        if len(n):
+            pos[n, c] = out[n, c].flatten(1).argmax(1)  # first occurrence of the maximum
+        self._maxima.append(maxima.float())
+        self._means.append(means.float())
+        self._pos.append(pos)
+        self._ids.append(self.images)
+
+    def flush(self) -> None:
+        if not self._maxima:
+            return
+        maxima, means = torch.cat(self._maxima), torch.cat(self._means)
+        ids, pos = torch.cat(self._ids), torch.cat(self._pos)
+        good = torch.isfinite(maxima[:, 0])
+        self.stats.update(maxima[good], means[good])
+        self.top.merge(maxima, ids, pos)
+        self._thresh = self.top.threshold()
+        self._maxima, self._means, self._pos, self._ids = [], [], [], []
+
+
+def _stop(_module, _inputs, _out) -> None:
+    raise StopForward()  # nothing after the deepest selected layer is needed
+
+
+class TopKPass(AnalysisPass):
+    name = "topk"
+    version = 1
+    config: TopKConfig
+
+    def run(self, ctx: BuildContext) -> Result:
+        names = [l.name for l in ctx.layers]
+        reducers = {n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names}
+        failed: list[tuple[int, str]] = []
+        handles = []
+        buffered = 0
+        try:
+            for n in names:
+                handles.append(get_module(ctx.net, n).register_forward_hook(reducers[n]))
+            handles.append(get_module(ctx.net, names[-1]).register_forward_hook(_stop))
+            with model_guard(ctx.net), torch.inference_mode(), \
+                    progress.bar("dataset pass", len(ctx.images), "images") as advance:
+                for batch in ctx.batches(batch_size=self.config.batch_size):
+                    failed += [(int(i), e) for i, e in zip(batch.indices, batch.errors) if e]
+                    ok = None if bool(batch.ok.all()) else batch.ok.to(ctx.device)
+                    ids = batch.indices.to(ctx.device)
+                    for r in reducers.values():
+                        r.images, r.ok = ids, ok
+                    run_until(ctx.net, batch.inputs)
+                    buffered += len(ids)
+                    if buffered >= WINDOW_IMAGES:
+                        for r in reducers.values():
+                            r.flush()
+                        buffered = 0
+                    advance(len(ids))
+                for r in reducers.values():
+                    r.flush()
+        finally:
+            for h in handles:
+                h.remove()
+        return self._result(ctx, names, reducers, failed)
+
+    def _result(self, ctx, names, reducers, failed) -> Result:
+        arrays: dict[str, np.ndarray] = {}
+        for li, n in enumerate(names):
+            t = reducers[n].top
+            w = ctx.layer(n).shape[2]
+            pos = t.pos.cpu().numpy()
+            arrays[f"L{li}.values"] = t.values.cpu().numpy().astype(np.float32)
+            arrays[f"L{li}.images"] = t.images.cpu().numpy()
+            arrays[f"L{li}.y"] = pos // w
+            arrays[f"L{li}.x"] = pos % w
+            for key, arr in reducers[n].stats.arrays().items():
+                arrays[f"L{li}.{key}"] = arr
+        arrays["failed"] = np.array([i for i, _ in failed], dtype=np.int64)
+        meta = {"layers": names, "k": self.config.k, "failed_reasons": [e for _, e in failed],
+                "images_used": len(ctx.images) - len(failed)}
+        return Result(meta=meta, arrays=arrays)
+
+
+@dataclass(frozen=True)
+class ChannelTop:
+    """One channel's top-k, as read back from a result (for the renderer and tests)."""
+
+    values: np.ndarray
+    images: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+
+
+def channel_top(result: Result, layer: str, channel: int) -> ChannelTop:
+    li = result.meta["layers"].index(layer)
+    a = result.arrays
+    valid = np.isfinite(a[f"L{li}.values"][channel])  # fewer usable images than k leaves -inf slots
+    pick = lambda key: a[f"L{li}.{key}"][channel][valid]  # noqa: E731
+    return ChannelTop(pick("values"), pick("images"), pick("y"), pick("x"))

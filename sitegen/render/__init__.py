@@ -1,0 +1,1 @@
+"""Rendering: reads pass results, draws pictures, fills templates. Computes no analysis."""

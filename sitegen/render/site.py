@@ -1,0 +1,272 @@
+"""Render the atlas: pass results in, a static site out.
+
+Collect first (one plain-data model of the whole atlas, also written as ``data/atlas.json``), then
+draw the pictures, then fill the templates.  Templates receive one explicit context per page and
+compute nothing; every URL in it is relative, so the site works from ``file://`` and any sub-path.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+import numpy as np
+
+from .. import __version__, progress
+from ..context import BuildContext
+from ..images import load_pixels
+from ..passes.base import Result
+from ..passes.topk import channel_top
+from .patches import PixelCache, crop_box, save_image, sprite
+
+ATLAS_SCHEMA_VERSION = 1
+
+
+def templates_dir() -> Path:
+    """The installed ``sitegen.templates`` package, or the repository's ``templates/`` folder."""
+    try:
+        p = Path(str(resources.files("sitegen.templates")))
+        if (p / "base.html").is_file():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "templates"
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=True,  # every user string (class folders, file names, layer names) is escaped
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def slug(name: str) -> str:
+    """A file-name-safe, collision-free version of a layer or class name."""
+    cleaned = _SAFE.sub("_", name)
+    if cleaned == name and name not in ("", ".", ".."):
+        return name
+    return f"{cleaned.strip('.') or 'x'}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def layer_url(layer: str) -> str:
+    return f"layers/{slug(layer)}/index.html"
+
+
+def channel_url(layer: str, channel: int) -> str:
+    return f"layers/{slug(layer)}/{channel}.html"
+
+
+def sprite_url(layer: str, channel: int, fmt: str) -> str:
+    return f"img/{slug(layer)}/{channel}.{fmt}"
+
+
+@dataclass
+class Page:
+    """One output file: its path in the site, its template and its context."""
+
+    path: str
+    template: str
+    context: dict[str, Any]
+    title: str
+    crumbs: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RenderOptions:
+    title: str
+    patch_size: int
+    image_format: str = "png"
+
+
+def relative_root(path: str) -> str:
+    depth = path.count("/")
+    return "../" * depth
+
+
+# ---------------------------------------------------------------- collect
+
+def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
+    """The machine-readable atlas (``data/atlas.json``, schema in docs/atlas-json.md)."""
+    failed = set(int(i) for i in topk.arrays["failed"])
+    skipped = [{"path": p, "reason": r} for p, r in ctx.images.skipped]
+    skipped += [{"path": ctx.images.records[i].rel, "reason": reason}
+                for i, reason in zip(topk.arrays["failed"].tolist(), topk.meta["failed_reasons"])]
+    layers = []
+    for li, info in enumerate(ctx.layers):
+        a = lambda key: topk.arrays[f"L{li}.{key}"]  # noqa: E731
+        channels = []
+        for c in range(info.channels):
+            top = channel_top(topk, info.name, c)
+            entries = []
+            for v, i, y, x in zip(top.values.tolist(), top.images.tolist(), top.y.tolist(), top.x.tolist()):
+                entries.append({
+                    "image": ctx.images.records[i].rel,
+                    "label": ctx.images.label_name(i),
+                    "value": round(float(v), 6),
+                    "fmap_yx": [int(y), int(x)],
+                    "box_xyxy": list(info.rf.box(int(y), int(x))),
+                    "index": int(i),
+                })
+            channels.append({
+                "channel": c,
+                "top": entries,
+                "stats": {"mean": float(a("mean")[c]), "std": float(a("std")[c]),
+                          "max": float(a("max")[c]), "fire_rate": float(a("fire_rate")[c])},
+            })
+        layers.append({
+            "name": info.name, "kind": info.kind, "shape": list(info.shape),
+            "receptive_field": {"size": info.rf.size, "stride": info.rf.stride, "offset": info.rf.offset},
+            "stage": info.stage, "block": info.block, "caffe": info.caffe, "branch": info.branch,
+            "channels": channels,
+        })
+    return {
+        "schema": ATLAS_SCHEMA_VERSION,
+        "generator": f"sitegen {__version__}",
+        "model": {"checkpoint": ctx.model.path.name, "arch": ctx.model.arch,
+                  "weights_sha256": ctx.model.weights_hash, "num_classes": ctx.model.num_classes},
+        "data": {"images": len(ctx.images), "used": len(ctx.images) - len(failed),
+                 "classes": ctx.images.classes, "skipped": skipped,
+                 "input_size": list(ctx.input_size),
+                 "mean": list(ctx.config.data.mean), "std": list(ctx.config.data.std),
+                 "resize": ctx.config.data.resize, "crop": ctx.config.data.crop},
+        "k": topk.meta["k"],
+        "layers": layers,
+    }
+
+
+def _neighbours(ctx: BuildContext, layer_index: int) -> list[dict[str, Any]]:
+    """The same layer role in the other blocks of its residual stage (same width only)."""
+    info = ctx.layers[layer_index]
+    if not info.stage:
+        return []
+    prefix = f"{info.stage}.{info.block}"
+    suffix = info.name[len(prefix):]
+    out = []
+    for other in ctx.layers:
+        if other.stage == info.stage and other.name == f"{other.stage}.{other.block}{suffix}" \
+                and other.channels == info.channels:
+            out.append({"name": other.name, "caffe": other.caffe, "block": other.block,
+                        "current": other.name == info.name})
+    return out if len(out) > 1 else []
+
+
+def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions) -> list[Page]:
+    pages: list[Page] = []
+    fmt = opts.image_format
+    k = atlas["k"]
+    layer_rows = []
+    dead_rows = []
+    for li, layer in enumerate(atlas["layers"]):
+        dead = [ch["channel"] for ch in layer["channels"] if ch["stats"]["max"] <= 0]
+        layer_rows.append({**{key: layer[key] for key in ("name", "kind", "shape", "caffe", "stage")},
+                           "rf": layer["receptive_field"], "url": layer_url(layer["name"]),
+                           "dead": len(dead), "channels": layer["shape"][0]})
+        if dead:
+            dead_rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(dead),
+                              "channels": layer["shape"][0],
+                              "list": [{"c": c, "url": channel_url(layer["name"], c)} for c in dead[:64]]})
+    pages.append(Page("index.html", "index.html", {
+        "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
+    }, title=opts.title))
+    for li, layer in enumerate(atlas["layers"]):
+        name = layer["name"]
+        n = len(layer["channels"])
+        neighbours = _neighbours(ctx, li)
+        tiles = [{"c": ch["channel"], "url": channel_url(name, ch["channel"]).split("/")[-1],
+                  "sprite": sprite_url(name, ch["channel"], fmt), "dead": ch["stats"]["max"] <= 0,
+                  "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
+        crumbs = [("index.html", "atlas")]
+        pages.append(Page(layer_url(name), "layer.html", {
+            "layer": layer, "tiles": tiles, "k": k, "patch": opts.patch_size, "tile_scale": 0.5,
+            "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
+        }, title=f"{name} · {opts.title}", crumbs=crumbs))
+        for ch in layer["channels"]:
+            c = ch["channel"]
+            cells = [{**e, "col": j, "name": e["image"].rsplit("/", 1)[-1]} for j, e in enumerate(ch["top"])]
+            pages.append(Page(channel_url(name, c), "channel.html", {
+                "layer": {key: layer[key] for key in ("name", "kind", "shape", "caffe", "receptive_field")},
+                "channel": c, "channels": n, "cells": cells, "stats": ch["stats"], "k": k,
+                "patch": opts.patch_size, "sprite": sprite_url(name, c, fmt).split("/")[-1],
+                "sprite_dir": f"../../img/{slug(name)}/",
+                "prev": f"{c - 1}.html" if c > 0 else None,
+                "next": f"{c + 1}.html" if c + 1 < n else None,
+                "dead": ch["stats"]["max"] <= 0,
+                "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/{c}.html"} for nb in neighbours],
+            }, title=f"{name}:{c} · {opts.title}",
+                crumbs=[("index.html", "atlas"), (layer_url(name), name)]))
+    return pages
+
+
+# ---------------------------------------------------------------- draw
+
+def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: RenderOptions,
+                 extra_rows: Callable[[int, int], list[list[np.ndarray]]] | None = None) -> int:
+    """One sprite per channel: row 0 the top-k receptive-field patches (plus rows from other passes)."""
+    pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data))
+    total = sum(len(l["channels"]) for l in atlas["layers"])
+    written = 0
+    with progress.bar("drawing patches", total, "channels") as advance:
+        for li, layer in enumerate(atlas["layers"]):
+            for ch in layer["channels"]:
+                patches = [crop_box(pixels(e["index"]), tuple(e["box_xyxy"])) for e in ch["top"]]
+                rows = [patches] + (extra_rows(li, ch["channel"]) if extra_rows else [])
+                sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
+                written += save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format),
+                                      opts.image_format)
+                advance(1)
+    return written
+
+
+# ---------------------------------------------------------------- write
+
+def write_pages(pages: list[Page], out: Path, site_title: str) -> None:
+    env = environment()
+    cache: dict[str, jinja2.Template] = {}
+    with progress.bar("writing pages", len(pages), "pages") as advance:
+        for page in pages:
+            tpl = cache.get(page.template) or cache.setdefault(page.template, env.get_template(page.template))
+            root = relative_root(page.path)
+            html = tpl.render(page=page.context, root=root, title=page.title, site_title=site_title,
+                              crumbs=[(root + url, text) for url, text in page.crumbs])
+            dest = out / page.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(html, encoding="utf-8")
+            advance(1)
+
+
+def copy_assets(out: Path) -> None:
+    src = templates_dir() / "assets"
+    dest = out / "assets"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".css", ".js", ".svg", ".png"):
+            shutil.copyfile(f, dest / f.name)
+    (out / ".nojekyll").write_text("", encoding="utf-8")  # GitHub Pages: serve every file as is
+
+
+def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: RenderOptions) -> dict[str, Any]:
+    atlas = collect_atlas(ctx, results["topk"])
+    pages = collect_pages(ctx, atlas, opts)
+    copy_assets(out)
+    draw_sprites(ctx, atlas, out, opts)
+    write_pages(pages, out, opts.title)
+    (out / "data").mkdir(exist_ok=True)
+    public = {**atlas, "layers": [{**l, "channels": [{k: v for k, v in ch.items()} for ch in l["channels"]]}
+                                  for l in atlas["layers"]]}
+    for l in public["layers"]:
+        for ch in l["channels"]:
+            ch["top"] = [{k: v for k, v in e.items() if k != "index"} for e in ch["top"]]
+    (out / "data" / "atlas.json").write_text(json.dumps(public, separators=(",", ":")), encoding="utf-8")
+    return atlas
