@@ -24,6 +24,7 @@ from ..images import load_pixels
 from ..passes.base import Result
 from ..passes.topk import channel_top
 from .patches import PixelCache, crop_box, save_image, sprite
+from .views import registered
 
 ATLAS_SCHEMA_VERSION = 1
 
@@ -162,8 +163,11 @@ def _neighbours(ctx: BuildContext, layer_index: int) -> list[dict[str, Any]]:
     return out if len(out) > 1 else []
 
 
-def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions) -> list[Page]:
+def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
+                  results: dict[str, Result] | None = None, views: list | None = None) -> list[Page]:
+    results, views = results or {}, views or []
     pages: list[Page] = []
+    nav = [{"url": url, "text": text} for v in views for url, text in v.nav()]
     fmt = opts.image_format
     k = atlas["k"]
     layer_rows = []
@@ -179,7 +183,10 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions)
                               "list": [{"c": c, "url": channel_url(layer["name"], c)} for c in dead[:64]]})
     pages.append(Page("index.html", "index.html", {
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
+        "views": nav,
     }, title=opts.title))
+    for v in views:
+        pages.extend(v.pages(ctx, atlas, results, opts))
     for li, layer in enumerate(atlas["layers"]):
         name = layer["name"]
         n = len(layer["channels"])
@@ -204,6 +211,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions)
                 "next": f"{c + 1}.html" if c + 1 < n else None,
                 "dead": ch["stats"]["max"] <= 0,
                 "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/{c}.html"} for nb in neighbours],
+                "partials": [v.channel_partial for v in views if v.channel_partial],
+                "extras": {v.name: v.channel_context(ctx, atlas, results, li, c) for v in views if v.channel_partial},
             }, title=f"{name}:{c} · {opts.title}",
                 crumbs=[("index.html", "atlas"), (layer_url(name), name)]))
     return pages
@@ -212,7 +221,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions)
 # ---------------------------------------------------------------- draw
 
 def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: RenderOptions,
-                 extra_rows: Callable[[int, int], list[list[np.ndarray]]] | None = None) -> int:
+                 extra_rows: Callable[[int, int, list], list[list[np.ndarray]]] | None = None) -> int:
     """One sprite per channel: row 0 the top-k receptive-field patches (plus rows from other passes)."""
     pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data))
     total = sum(len(l["channels"]) for l in atlas["layers"])
@@ -221,7 +230,8 @@ def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: Rend
         for li, layer in enumerate(atlas["layers"]):
             for ch in layer["channels"]:
                 patches = [crop_box(pixels(e["index"]), tuple(e["box_xyxy"])) for e in ch["top"]]
-                rows = [patches] + (extra_rows(li, ch["channel"]) if extra_rows else [])
+                boxes = [tuple(e["box_xyxy"]) for e in ch["top"]]
+                rows = [patches] + (extra_rows(li, ch["channel"], boxes) if extra_rows else [])
                 sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
                 written += save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format),
                                       opts.image_format)
@@ -258,9 +268,16 @@ def copy_assets(out: Path) -> None:
 
 def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: RenderOptions) -> dict[str, Any]:
     atlas = collect_atlas(ctx, results["topk"])
-    pages = collect_pages(ctx, atlas, opts)
+    views = [v for v in registered() if v.available(results)]
+    pages = collect_pages(ctx, atlas, opts, results, views)
     copy_assets(out)
-    draw_sprites(ctx, atlas, out, opts)
+
+    def extra_rows(li: int, c: int, boxes: list) -> list[list[np.ndarray]]:
+        return [row for v in views for row in v.sprite_rows(ctx, atlas, results, li, c, boxes)]
+
+    draw_sprites(ctx, atlas, out, opts, extra_rows)
+    for v in views:
+        v.draw(ctx, atlas, results, out, opts)
     write_pages(pages, out, opts.title)
     (out / "data").mkdir(exist_ok=True)
     public = {**atlas, "layers": [{**l, "channels": [{k: v for k, v in ch.items()} for ch in l["channels"]]}
