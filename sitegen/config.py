@@ -67,7 +67,7 @@ class TopKConfig:
 class SiteConfig:
     title: str = ""
     """Title of the atlas; empty uses the checkpoint's file name."""
-    patch_size: int = 64
+    patch_size: int = 96
     """Side in pixels of each receptive-field patch image in the site."""
 
     def validate(self, key: str) -> None:

@@ -17,6 +17,21 @@ from PIL import Image
 GREY = 128
 
 
+def display_box(rf_box: tuple[int, int, int, int], image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The window drawn for a unit: its receptive field, but never wider than the image.
+
+    Deep units of small-image models see far more than the image (ResNet-56's last blocks: 249 px
+    on 32 px CIFAR images), and the whole field would show the image as a dot in a grey square.
+    The window keeps the field's centre, so the grey still shows where the unit sits relative to
+    the image border.
+    """
+    x0, y0, x1, y1 = rf_box
+    side = min(x1 - x0, max(image_hw))
+    cx2, cy2 = x0 + x1, y0 + y1  # twice the centre, to stay in integers
+    nx0, ny0 = (cx2 - side) // 2, (cy2 - side) // 2
+    return (nx0, ny0, nx0 + side, ny0 + side)
+
+
 def crop_box(pixels: np.ndarray, box: tuple[int, int, int, int], fill: int = GREY) -> np.ndarray:
     """Pixels inside ``box`` = (x0, y0, x1, y1) (end exclusive, may pass the borders); grey outside."""
     x0, y0, x1, y1 = box

@@ -23,7 +23,7 @@ from ..context import BuildContext
 from ..images import load_pixels
 from ..passes.base import Result
 from ..passes.topk import channel_top
-from .patches import PixelCache, crop_box, save_image, sprite
+from .patches import PixelCache, crop_box, display_box, save_image, sprite
 from .views import registered
 
 ATLAS_SCHEMA_VERSION = 1
@@ -196,7 +196,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                   "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
         crumbs = [("index.html", "atlas")]
         pages.append(Page(layer_url(name), "layer.html", {
-            "layer": layer, "tiles": tiles, "k": k, "patch": opts.patch_size, "tile_scale": 0.5,
+            "layer": layer, "tiles": tiles, "k": k, "patch": opts.patch_size, "tile_scale": 1 / 3,
             "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
         }, title=f"{name} · {opts.title}", crumbs=crumbs))
         for ch in layer["channels"]:
@@ -229,8 +229,8 @@ def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: Rend
     with progress.bar("drawing patches", total, "channels") as advance:
         for li, layer in enumerate(atlas["layers"]):
             for ch in layer["channels"]:
-                patches = [crop_box(pixels(e["index"]), tuple(e["box_xyxy"])) for e in ch["top"]]
-                boxes = [tuple(e["box_xyxy"]) for e in ch["top"]]
+                boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in ch["top"]]
+                patches = [crop_box(pixels(e["index"]), box) for e, box in zip(ch["top"], boxes)]
                 rows = [patches] + (extra_rows(li, ch["channel"], boxes) if extra_rows else [])
                 sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
                 written += save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format),
