@@ -256,6 +256,40 @@ def write_pages(pages: list[Page], out: Path, site_title: str) -> None:
             advance(1)
 
 
+SEARCH_INDEX = "data/search-index.js"
+
+
+def js_assign(name: str, data: Any) -> str:
+    """``window.NAME = <data>;`` as a script file: the way to ship data that works from file://,
+    where browsers refuse fetch() of local JSON.  ``<``, ``>`` and ``&`` are escaped so user
+    strings (class folders, layer names) cannot close a script element if the text is ever inlined."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"window.{name} = {text};\n"
+
+
+def search_index(atlas: dict[str, Any], pages: list[Page], site_title: str) -> dict[str, Any]:
+    """What the header's search box searches, offline (templates/assets/search.js).
+
+    Channels get no entry each (ResNet-50 has ~26,000): a ``layer3.8:41`` query is parsed against
+    the layer list, which holds each layer's folder and channel count.  Pages other than layer and
+    channel pages (the views' pages, e.g. t-SNE or occlusion) are listed by title.
+    """
+    layers = [{"name": l["name"], "caffe": l["caffe"], "kind": l["kind"], "channels": l["shape"][0],
+               "dir": f"layers/{slug(l['name'])}/"} for l in atlas["layers"]]
+    suffix = f" · {site_title}"
+    listed = [{"title": p.title[:-len(suffix)] if p.title.endswith(suffix) else p.title, "url": p.path}
+              for p in pages if p.template not in ("layer.html", "channel.html") and p.path != "index.html"]
+    classes = [{"name": c, "url": "index.html"} for c in atlas["data"]["classes"]]
+    return {"layers": layers, "classes": classes, "pages": listed}
+
+
+def write_search_index(out: Path, atlas: dict[str, Any], pages: list[Page], site_title: str) -> None:
+    dest = out / SEARCH_INDEX
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(js_assign("SITEGEN_SEARCH", search_index(atlas, pages, site_title)), encoding="utf-8")
+
+
 def copy_assets(out: Path) -> None:
     src = templates_dir() / "assets"
     dest = out / "assets"
@@ -279,7 +313,7 @@ def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: Rende
     for v in views:
         v.draw(ctx, atlas, results, out, opts)
     write_pages(pages, out, opts.title)
-    (out / "data").mkdir(exist_ok=True)
+    write_search_index(out, atlas, pages, opts.title)
     public = {**atlas, "layers": [{**l, "channels": [{k: v for k, v in ch.items()} for ch in l["channels"]]}
                                   for l in atlas["layers"]]}
     for l in public["layers"]:
