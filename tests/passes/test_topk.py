@@ -1,0 +1,121 @@
+"""The dataset pass against brute force: every activation kept, sorted, for every channel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sitegen.build import prepare
+from sitegen.config import from_dict
+from sitegen.hooks import capture_outputs, model_guard
+from sitegen.passes import topk as topk_mod
+from sitegen.passes.topk import TopKPass, channel_top
+
+
+def brute_force(ctx, k):
+    """All activations of every selected layer for every image, then a full sort per channel."""
+    names = [l.name for l in ctx.layers]
+    maps = {n: [] for n in names}
+    ids = []
+    with model_guard(ctx.net), torch.no_grad(), capture_outputs(ctx.net, names) as store:
+        for batch in ctx.batches(batch_size=1):  # one image at a time: independent of batching
+            if not bool(batch.ok.all()):
+                continue
+            ctx.net(batch.inputs)
+            ids.append(int(batch.indices[0]))
+            for n in names:
+                maps[n].append(store[n][0].clone())
+    out = {}
+    for n in names:
+        a = torch.stack(maps[n])  # (N, C, H, W)
+        flat = a.flatten(2)
+        maxima = flat.amax(2)  # (N, C)
+        first_pos = (flat == maxima[..., None]).float().argmax(2)  # first occurrence
+        out[n] = {"maxima": maxima.numpy(), "pos": first_pos.numpy(), "ids": np.array(ids),
+                  "means": flat.mean(2).numpy(), "w": a.shape[3]}
+    return out
+
+
+def check_against(ctx, result, bf, k, atol=1e-4):
+    for n, ref in bf.items():
+        maxima, ids = ref["maxima"], ref["ids"]
+        for c in range(maxima.shape[1]):
+            # Sort by value descending, then image index ascending (the documented tie-break).
+            order = np.lexsort((ids, -maxima[:, c]))[:k]
+            got = channel_top(result, n, c)
+            np.testing.assert_allclose(got.values, maxima[order, c], atol=atol, rtol=1e-5)
+            same = got.images == ids[order]
+            # Where float noise between batch sizes could swap two near-equal values, accept either.
+            for j in np.nonzero(~same)[0]:
+                assert abs(got.values[j] - maxima[order[j], c]) < atol, (n, c, j)
+            for j in np.nonzero(same)[0]:
+                row = list(ids).index(got.images[j])
+                pos = ref["pos"][row, c]
+                assert (got.y[j], got.x[j]) == (pos // ref["w"], pos % ref["w"]), (n, c, j)
+
+
+def test_tiny_model_equals_brute_force_across_windows(tmp_path, tiny_checkpoint, make_images, paths, monkeypatch):
+    make_images(tmp_path / "imgs", 53, size=16, classes=3)
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "topk": {"k": 5, "batch_size": 7}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    assert [l.name for l in ctx.layers] == ["conv1", "conv2"]
+    monkeypatch.setattr(topk_mod, "WINDOW_IMAGES", 10)  # several merges, windows not batch-aligned
+    result = TopKPass(cfg.topk).run(ctx)
+    check_against(ctx, result, brute_force(ctx, 5), 5, atol=1e-5)
+
+
+def test_ties_go_to_the_lower_image_index(tmp_path, tiny_checkpoint, make_images, paths):
+    made = make_images(tmp_path / "imgs", 4, size=16)
+    # Duplicates of image 0 at later indices: equal values everywhere.
+    for j in range(4, 12):
+        (tmp_path / "imgs" / f"img{j:03d}.png").write_bytes(made[0].read_bytes())
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "topk": {"k": 3, "batch_size": 5}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    result = TopKPass(cfg.topk).run(ctx)
+    for layer in ("conv1", "conv2"):
+        for c in range(ctx.layer(layer).channels):
+            top = channel_top(result, layer, c)
+            for a, b in zip(top.values[:-1], top.values[1:]):
+                assert a >= b
+            for j in range(len(top.values) - 1):
+                if top.values[j] == top.values[j + 1]:
+                    assert top.images[j] < top.images[j + 1]
+            if 0 in top.images:  # image 0 and its copies: only the lowest copies can appear
+                dup = [i for i in top.images if i == 0 or i >= 4]
+                assert dup == sorted(dup) and dup[0] == 0
+
+
+def test_stats_and_failed_images(tmp_path, tiny_checkpoint, make_images, paths):
+    make_images(tmp_path / "imgs", 20, size=16)
+    (tmp_path / "imgs" / "img005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "topk": {"k": 4, "batch_size": 6}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    result = TopKPass(cfg.topk).run(ctx)
+    assert result.arrays["failed"].tolist() == [5]
+    assert "img005.png" in result.meta["failed_reasons"][0]
+    bf = brute_force(ctx, 4)
+    for li, n in enumerate(["conv1", "conv2"]):
+        ref = bf[n]
+        assert 5 not in ref["ids"] and 5 not in result.arrays[f"L{li}.images"]
+        np.testing.assert_allclose(result.arrays[f"L{li}.max"], ref["maxima"].max(0), rtol=1e-5)
+        np.testing.assert_allclose(result.arrays[f"L{li}.mean"], ref["means"].mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.arrays[f"L{li}.std"], ref["means"].std(0), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(result.arrays[f"L{li}.fire_rate"], (ref["maxima"] > 0).mean(0))
+
+
+def test_fewer_images_than_k(tmp_path, tiny_checkpoint, make_images, paths):
+    make_images(tmp_path / "imgs", 3, size=16)
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "topk": {"k": 9}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    result = TopKPass(cfg.topk).run(ctx)
+    top = channel_top(result, "conv2", 0)
+    assert sorted(top.images.tolist()) == [0, 1, 2]
+
+
+def test_resnet20_on_real_cifar_equals_brute_force(cifar_subset, resnet20_path, paths):
+    folder = cifar_subset(20)  # 200 real images, 10 classes
+    cfg = from_dict({"model": {"arch": paths["cifar_arch"] + ":resnet20"}, "topk": {"k": 9, "batch_size": 64}})
+    ctx = prepare(resnet20_path, folder, cfg, None)
+    assert len(ctx.images) == 200 and len(ctx.layers) == 19 + 9  # 19 convs + 9 blocks
+    result = TopKPass(cfg.topk).run(ctx)
+    check_against(ctx, result, brute_force(ctx, 9), 9, atol=1e-4)
