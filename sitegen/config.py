@@ -69,9 +69,94 @@ class SiteConfig:
     """Title of the atlas; empty uses the checkpoint's file name."""
     patch_size: int = 96
     """Side in pixels of each receptive-field patch image in the site."""
+    dull_ratio: float = 0.05
+    """A channel is dull when the std of its spatial means over the images is below this fraction of
+    its layer's median std (and it is not dead): it barely varies, whatever the image."""
 
     def validate(self, key: str) -> None:
         _check(8 <= self.patch_size <= 512, f"{key}.patch_size", "must be between 8 and 512")
+        _check(0 <= self.dull_ratio < 1, f"{key}.dull_ratio", "must be ≥ 0 and < 1 (0 marks no channel dull)")
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """The sample images that occlusion maps and activation maps are drawn for."""
+
+    per_class: int = 2
+    """Images per class folder (the first ones in sorted order); without classes, evenly spaced images."""
+    max_images: int = 20
+    """At most this many sample images in all."""
+    images: tuple[str, ...] = ()
+    """Image paths relative to the images folder (as the atlas shows them); replaces the automatic choice."""
+
+    def validate(self, key: str) -> None:
+        _check(self.per_class >= 1, f"{key}.per_class", "must be ≥ 1")
+        _check(1 <= self.max_images <= 1000, f"{key}.max_images", "must be between 1 and 1000")
+
+
+@dataclass(frozen=True)
+class OcclusionConfig:
+    enabled: bool = True
+    size: int = 0
+    """Side in pixels of the grey square; 0 uses a quarter of the input's shorter side."""
+    stride: int = 0
+    """Step in pixels between occluder positions; 0 uses 1/16 of the shorter side (16×16 positions)."""
+    layer: str = ""
+    """Layer whose strongest channel map (c) follows; empty uses the last discovered layer."""
+    batch_size: int = 0
+    """Occluded copies per forward pass; 0 uses 256."""
+
+    def validate(self, key: str) -> None:
+        _check(self.size >= 0, f"{key}.size", "must be ≥ 0 (0 picks a quarter of the input side)")
+        _check(self.stride >= 0, f"{key}.stride", "must be ≥ 0 (0 picks 1/16 of the input side)")
+        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 uses 256)")
+
+
+@dataclass(frozen=True)
+class TsneConfig:
+    enabled: bool = True
+    layer: str = ""
+    """Module whose input is the code (the classifier); empty uses the model's last nn.Linear."""
+    max_points: int = 2000
+    """Above this many images, a class-stratified sample of this size is embedded."""
+    pca_dims: int = 50
+    """Dimensions kept by PCA before t-SNE."""
+    perplexity: float = 30.0
+    iterations: int = 1000
+    """Optimisation steps (scikit-learn needs at least 250)."""
+    seed: int = 0
+    method: str = "sklearn"
+    """``sklearn`` (scikit-learn's Barnes-Hut t-SNE) or ``opentsne`` (needs ``pip install openTSNE``)."""
+    grid_max: int = 1024
+    """Images placed in the square image grid (a stratified subset of the embedded points)."""
+
+    def validate(self, key: str) -> None:
+        _check(self.max_points >= 10, f"{key}.max_points", "must be ≥ 10")
+        _check(self.pca_dims >= 2, f"{key}.pca_dims", "must be ≥ 2")
+        _check(self.perplexity > 0, f"{key}.perplexity", "must be > 0 (typical values are 5 to 50)")
+        _check(self.iterations >= 250, f"{key}.iterations", "must be ≥ 250")
+        _check(self.method in ("sklearn", "opentsne"), f"{key}.method", 'must be "sklearn" or "opentsne"')
+        _check(1 <= self.grid_max <= 4096, f"{key}.grid_max", "must be between 1 and 4096")
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    enabled: bool = True
+    block: int = 64
+    """Filters (rows) and input channels (columns) per kernel-grid picture; wider layers are paged."""
+
+    def validate(self, key: str) -> None:
+        _check(4 <= self.block <= 512, f"{key}.block", "must be between 4 and 512")
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    enabled: bool = True
+    max_side: int = 32
+    """Feature maps larger than this are max-pooled down to it for the pictures (peaks survive)."""
+
+    def validate(self, key: str) -> None:
+        _check(4 <= self.max_side <= 256, f"{key}.max_side", "must be between 4 and 256")
 
 
 @dataclass(frozen=True)
@@ -82,6 +167,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
+    tsne: TsneConfig = field(default_factory=TsneConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):

@@ -10,6 +10,20 @@ from .base import AnalysisPass
 
 
 def default_passes(cfg: Config) -> list[AnalysisPass]:
+    from .activations import ActivationsPass
+    from .kernels import KernelsPass
+    from .occlusion import OcclusionPass
     from .topk import TopKPass
+    from .tsne import TsnePass
 
-    return [TopKPass(cfg.topk)]
+    passes: list[AnalysisPass] = [TopKPass(cfg.topk)]
+    # Whole-model views (issue 4): each its own pass, each switched off by `enabled = false`.
+    if cfg.occlusion.enabled:
+        passes.append(OcclusionPass(cfg.occlusion, cfg.samples))
+    if cfg.tsne.enabled:
+        passes.append(TsnePass(cfg.tsne))
+    if cfg.kernels.enabled:
+        passes.append(KernelsPass(cfg.kernels))
+    if cfg.activations.enabled:
+        passes.append(ActivationsPass(cfg.activations, cfg.samples))
+    return passes

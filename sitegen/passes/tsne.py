@@ -1,0 +1,183 @@
+"""t-SNE of the penultimate codes (CS231n, "t-SNE visualization of CNN codes").
+
+The code of an image is the input of the final classifier: by default the input of the model's last
+``nn.Linear`` (in definition order), flattened.  All images are embedded, or a class-stratified
+sample of ``tsne.max_points``; the codes go through PCA to ``tsne.pca_dims`` dimensions and then
+t-SNE with a fixed seed, so a build is reproducible.
+
+Besides the 2-D map the result holds how faithful it is: for every point, the fraction of its 10
+nearest neighbours that share its class, in the map and in the original code space; and a square
+image grid, each image of a stratified subset snapped to one cell by linear assignment.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+
+from .. import progress
+from ..config import TsneConfig
+from ..context import BuildContext
+from ..errors import ConfigError, LayerError
+from ..hooks import get_module, model_guard
+from .base import AnalysisPass, Result
+from .sampling import labels_match_outputs, output_names, stratified_sample
+
+NEIGHBOURS = 10
+TOP = 5
+
+
+def classifier_name(model: torch.nn.Module, configured: str) -> str | None:
+    """The module whose input is the code: ``tsne.layer``, or else the last ``nn.Linear``."""
+    if configured:
+        try:
+            get_module(model, configured)
+        except LayerError:
+            raise LayerError(f"config key 'tsne.layer' names {configured!r}, which is not a module of the model",
+                             "name the classifier module (its input is the code), e.g. 'fc' or 'linear'") from None
+        return configured
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def neighbour_agreement(points: np.ndarray, classes: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """For every point, the fraction of its ``k`` nearest other points (Euclidean) with its class."""
+    n = len(points)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(n)
+    _, ind = NearestNeighbors(n_neighbors=k + 1).fit(points).kneighbors(points)
+    # Drop the point itself; with duplicate points it may not come first, so remove it by index.
+    others = np.empty((n, k), dtype=np.int64)
+    for i, row in enumerate(ind):
+        rest = row[row != i]
+        others[i] = rest[:k]
+    return (classes[others] == classes[:, None]).mean(1)
+
+
+def grid_assignment(xy: np.ndarray) -> tuple[int, np.ndarray]:
+    """(side, cell of each point): the points, scaled to the unit square, each put in one cell of a
+    side×side grid (side = ceil(sqrt(n))) so the summed squared distance to the cell centres is least."""
+    n = len(xy)
+    side = max(1, math.ceil(math.sqrt(n)))
+    lo, hi = xy.min(0), xy.max(0)
+    unit = (xy - lo) / np.where(hi > lo, hi - lo, 1.0)
+    centres = (np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2) + 0.5) / side
+    # Cell (r, c) is row r, column c: rows follow the map's y, columns its x.
+    cost = ((unit[:, None, ::-1] - centres[None]) ** 2).sum(-1)
+    rows, cells = linear_sum_assignment(cost)
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = cells
+    return side, out
+
+
+def embed(x: np.ndarray, cfg: TsneConfig) -> tuple[np.ndarray, float]:
+    """2-D t-SNE of ``x`` with the configured method and seed; also the perplexity used (t-SNE needs
+    it below the number of points, so tiny sets get a smaller one)."""
+    n = len(x)
+    perplexity = float(min(cfg.perplexity, max(1.0, (n - 1) / 3)))
+    if cfg.method == "opentsne":
+        try:
+            from openTSNE import TSNE as OpenTSNE
+        except ImportError:
+            raise ConfigError("config key 'tsne.method' is \"opentsne\" but openTSNE is not installed",
+                              "pip install openTSNE, or use method = \"sklearn\"") from None
+        emb = OpenTSNE(n_components=2, perplexity=perplexity, random_state=cfg.seed, initialization="pca",
+                       n_iter=cfg.iterations, n_jobs=1, verbose=False).fit(x.astype(np.float64))
+        return np.asarray(emb, dtype=np.float64), perplexity
+    from sklearn.manifold import TSNE
+
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+               max_iter=cfg.iterations, random_state=cfg.seed).fit_transform(x)
+    return emb, perplexity
+
+
+class TsnePass(AnalysisPass):
+    name = "tsne"
+    version = 1
+    config: TsneConfig
+
+    def run(self, ctx: BuildContext) -> Result:
+        t0 = time.perf_counter()
+        layer = classifier_name(ctx.net, self.config.layer)
+        if layer is None:
+            return Result(meta={"skipped": "the model has no nn.Linear classifier; set tsne.layer to the module "
+                                           "whose input is the code"}, arrays={})
+        labels = ctx.images.labels
+        picked = stratified_sample(labels, self.config.max_points, self.config.seed)
+        ids, codes, logits = self._codes(ctx, layer, picked.tolist())
+        if len(ids) < 5:
+            return Result(meta={"skipped": f"only {len(ids)} usable images; t-SNE needs at least 5"}, arrays={})
+        probs = torch.from_numpy(logits).softmax(1)
+        k = probs.shape[1]
+        pred = probs.argmax(1).numpy()
+        top = probs.topk(min(TOP, k), dim=1)
+        # Colour (and judge neighbours) by the true class; without class folders, by the prediction.
+        by_label = bool(ctx.images.classes)
+        classes = labels[ids] if by_label else pred
+        dims = min(self.config.pca_dims, codes.shape[1], len(ids))
+        reduced = PCA(n_components=dims, random_state=self.config.seed).fit_transform(codes.astype(np.float64))
+        t1 = time.perf_counter()
+        with progress.bar("t-SNE", 1, "embeddings") as advance:
+            xy, perplexity = embed(reduced, self.config)
+            advance(1)
+        t2 = time.perf_counter()
+        agree_map = neighbour_agreement(xy, classes)
+        agree_codes = neighbour_agreement(codes.astype(np.float64), classes)
+        in_grid = stratified_sample(classes, self.config.grid_max, self.config.seed)
+        side, cells = grid_assignment(xy[in_grid])
+        t3 = time.perf_counter()
+        names = output_names(ctx.images, k)
+        meta = {
+            "layer": layer, "code_dims": int(codes.shape[1]), "pca_dims": int(dims), "points": len(ids),
+            "of_images": len(ctx.images), "perplexity": perplexity, "seed": self.config.seed,
+            "method": self.config.method, "neighbours": NEIGHBOURS, "grid_side": side,
+            "colour_by": "label" if by_label else "prediction",
+            "class_names": list(ctx.images.classes) if by_label else names, "output_names": names,
+            "labels_match_outputs": labels_match_outputs(ctx.images, k),
+            "agreement_map": float(agree_map.mean()), "agreement_codes": float(agree_codes.mean()),
+            "seconds": {"codes": round(t1 - t0, 3), "tsne": round(t2 - t1, 3), "after": round(t3 - t2, 3)},
+        }
+        arrays = {
+            "images": np.array(ids, dtype=np.int64), "xy": xy.astype(np.float32),
+            "classes": classes.astype(np.int64), "pred": pred.astype(np.int64),
+            "top_classes": top.indices.numpy().astype(np.int64), "top_probs": top.values.numpy().astype(np.float32),
+            "agree_map": agree_map.astype(np.float32), "agree_codes": agree_codes.astype(np.float32),
+            "grid_points": in_grid.astype(np.int64), "grid_cells": cells,
+        }
+        return Result(meta=meta, arrays=arrays)
+
+    def _codes(self, ctx: BuildContext, layer: str, indices: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Codes (inputs of ``layer``) and logits of the decodable images among ``indices``."""
+        seen: list[torch.Tensor] = []
+
+        def keep_input(_module, inputs) -> None:
+            seen.append(inputs[0].detach().flatten(1).float().cpu())
+
+        ids: list[int] = []
+        codes, logits = [], []
+        handle = get_module(ctx.net, layer).register_forward_pre_hook(keep_input)
+        try:
+            with model_guard(ctx.net), torch.inference_mode(), \
+                    progress.bar("codes for t-SNE", len(indices), "images") as advance:
+                for b in ctx.batches(indices):
+                    seen.clear()
+                    out = ctx.net(b.inputs).float().cpu()
+                    if not seen:
+                        raise LayerError(f"the module {layer!r} did not run in a forward pass",
+                                         "set tsne.layer to the classifier module (its input is the code)")
+                    ok = b.ok
+                    codes.append(seen[-1][ok])
+                    logits.append(out[ok])
+                    ids += [int(i) for i, good in zip(b.indices, ok) if good]
+                    advance(len(b.indices))
+        finally:
+            handle.remove()
+        if not ids:
+            return [], np.zeros((0, 1)), np.zeros((0, 1))
+        return ids, torch.cat(codes).numpy(), torch.cat(logits).numpy()
