@@ -56,7 +56,7 @@ def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: 
     layers = discover_layers(model.model, input_shape)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one job may write it at once
         tmp.write_text(json.dumps({"arch": model.arch, "layers": [l.to_dict() for l in layers]}), encoding="utf-8")
         os.replace(tmp, path)
     return layers
@@ -82,6 +82,8 @@ def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str
     results: dict[str, Result] = {}
     ctx.results = results
     for p in default_passes(ctx.config):
+        if ctx.dist.active and not p.distributed and not ctx.dist.is_main:
+            continue  # a pass that does not split its work runs on rank 0 alone
         t = time.perf_counter()
         results[p.name], report.cached[p.name] = run_cached(p, ctx, cache)
         report.timings[f"pass:{p.name}"] = time.perf_counter() - t
@@ -103,6 +105,8 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
                   f"device {ctx.device.type}")
     results = run_passes(ctx, Cache(cache_dir), report)
     report.skipped = len(ctx.images.skipped) + len(results["topk"].arrays["failed"])
+    if not ctx.dist.is_main:
+        return report  # only rank 0 writes the site
     t = time.perf_counter()
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)

@@ -5,6 +5,7 @@ only with ``--debug``.
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -61,10 +62,18 @@ def build(
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not an atlas (never deletes its files)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
+    workers: int = typer.Option(1, "--workers", help="Processes on this machine (starts torchrun with N ranks)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
+    from . import distributed
     from .build import build as run_build
     from .build import default_cache_dir, load_config
+
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_torchrun(workers))
+    dist = distributed.init_from_env()
+    if not dist.is_main:
+        progress.set_quiet(True)
 
     model_section = {"arch": arch, "trust_pickle": True if trust_pickle else None}
     cfg = load_config(
@@ -76,10 +85,35 @@ def build(
         layers=layers or [],
     )
     cache = None if no_cache else (cache_dir or default_cache_dir())
-    report = run_build(model, images, out, cfg, force=force, cache_dir=cache)
-    progress.info(f"built {report.channels} channels of {report.layers} layers from {report.images} images "
-                  f"in {report.timings['total']:.1f} s")
-    typer.echo(str(report.index.resolve()))
+    try:
+        report = run_build(model, images, out, cfg, force=force, cache_dir=cache)
+        dist.barrier()
+    finally:
+        distributed.shutdown()
+    if dist.is_main:
+        progress.info(f"built {report.channels} channels of {report.layers} layers from {report.images} images "
+                      f"in {report.timings['total']:.1f} s")
+        typer.echo(str(report.index.resolve()))
+
+
+def _torchrun(workers: int) -> int:
+    """Run this same command under PyTorch's launcher with N local ranks (minus --workers)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+           "-m", "sitegen", *args]
+    return subprocess.call(cmd)
 
 
 @app.command()

@@ -10,7 +10,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from pathlib import Path
+
 from .config import Config, as_dict
+from .distributed import Dist
+from .distributed import current as current_dist
 from .images import ImageList, PixelDataset, normalise
 from .layers import LayerInfo
 from .model_loading import LoadedModel
@@ -51,6 +55,10 @@ class BuildContext:
     device: torch.device = field(default_factory=default_device)
     workers: int = field(default_factory=default_workers)
     results: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=current_dist)
+    """This process's rank in a torchrun job (rank 0 of 1 otherwise)."""
+    scratch: Path | None = None
+    """A folder the running pass may use for checkpoints (beside its cache entry); None = no cache."""
     """Results of the passes run so far, by pass name (later passes read earlier ones)."""
 
     @property

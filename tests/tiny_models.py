@@ -25,3 +25,18 @@ class TinyCNN(nn.Module):
 def tiny_cnn(num_classes: int = 3) -> TinyCNN:
     torch.manual_seed(0)
     return TinyCNN(num_classes)
+
+
+class SlowTinyCNN(TinyCNN):
+    """TinyCNN that sleeps in every forward: gives a test time to kill a build mid-pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.15)
+        return super().forward(x)
+
+
+def slow_tiny_cnn(num_classes: int = 3) -> SlowTinyCNN:
+    torch.manual_seed(0)
+    return SlowTinyCNN(num_classes)

@@ -45,6 +45,9 @@ class AnalysisPass:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     """Bump when the computation changes: old cached results then no longer match."""
+    distributed: ClassVar[bool] = False
+    """True when ``run`` splits its work across the ranks of a torchrun job itself; other passes
+    run on rank 0 only."""
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -105,8 +108,14 @@ def run_cached(p: AnalysisPass, ctx: BuildContext, cache: Cache) -> tuple[Result
     hit = cache.get(p, key)
     if hit is not None:
         return hit, True
-    result = p.run(ctx)
+    folder = cache.folder(p, key)
+    ctx.scratch = folder.with_name(folder.name + ".partial") if folder is not None else None
+    try:
+        result = p.run(ctx)
+    finally:
+        ctx.scratch = None
     result.meta.setdefault("pass", p.name)
     result.meta.setdefault("version", p.version)
-    cache.put(p, key, result)
+    if ctx.dist.is_main:
+        cache.put(p, key, result)
     return result, False

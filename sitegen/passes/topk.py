@@ -9,7 +9,9 @@ running top-k at once, which keeps the per-batch work to a handful of tensor ope
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +56,29 @@ class RunningTopK:
         self.images = torch.cat([self.images, images.expand(c, -1)], dim=1).gather(1, order)
         self.pos = torch.cat([self.pos, pos.T], dim=1).gather(1, order)
 
+    def padded(self) -> dict[str, torch.Tensor]:
+        """(C, k) arrays, empty slots as value -inf and image index 2**62 (so they sort last)."""
+        c, kept = self.values.shape
+        pad = self.k - kept
+        def fill(t, value):
+            return torch.cat([t, torch.full((c, pad), value, dtype=t.dtype, device=t.device)], dim=1)
+        return {"values": fill(self.values, float("-inf")), "images": fill(self.images, 2**62),
+                "pos": fill(self.pos, 0)}
+
+    def load_padded(self, st: dict[str, torch.Tensor]) -> None:
+        # Every channel has seen the same images, so row 0 tells how many slots are filled.
+        keep = int(torch.isfinite(st["values"][0]).sum()) if len(st["values"]) else 0
+        self.values, self.images, self.pos = (st[k][:, :keep] for k in ("values", "images", "pos"))
+
+
+def lexsort_topk(values: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the indices of the k largest values, ties by the lower image index (two stable
+    sorts make a lexicographic sort: first by image, then by value)."""
+    by_image = torch.sort(images, dim=1, stable=True).indices
+    v = values.gather(1, by_image)
+    by_value = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return by_image.gather(1, by_value)
+
 
 class RunningStats:
     """Per-channel statistics over images, for the dead- and dull-channel reports."""
@@ -72,6 +97,14 @@ class RunningStats:
         self.fires += (spatial_max > 0).sum(0)
         if len(spatial_max):
             self.max = torch.maximum(self.max, spatial_max.amax(0).double())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"n": torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device),
+                "sum": self.sum, "sumsq": self.sumsq, "fires": self.fires, "max": self.max}
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.n = int(st["n"][0])
+        self.sum, self.sumsq, self.fires, self.max = st["sum"], st["sumsq"], st["fires"], st["max"]
 
     def arrays(self) -> dict[str, np.ndarray]:
         n = max(self.n, 1)
@@ -122,19 +155,35 @@ class LayerReducer:
         self._maxima, self._means, self._pos, self._ids = [], [], [], []
 
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The running state after a flush (buffers empty), for checkpoints and the rank merge."""
+        return {**{f"top.{k}": v for k, v in self.top.padded().items()},
+                **{f"stats.{k}": v for k, v in self.stats.state().items()}}
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.top.load_padded({k[4:]: v for k, v in st.items() if k.startswith("top.")})
+        self.stats.load_state({k[6:]: v for k, v in st.items() if k.startswith("stats.")})
+        self._thresh = self.top.threshold()
+
+
 def _stop(_module, _inputs, _out) -> None:
     raise StopForward()  # nothing after the deepest selected layer is needed
 
 
 class TopKPass(AnalysisPass):
     name = "topk"
-    version = 1
+    version = 2
+    distributed = True
     config: TopKConfig
 
     def run(self, ctx: BuildContext) -> Result:
         names = [l.name for l in ctx.layers]
         reducers = {n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names}
-        failed: list[tuple[int, str]] = []
+        shard = list(ctx.dist.shard(len(ctx.images)))
+        ckpt = Checkpoint(ctx.scratch, ctx.dist.rank, self.config.checkpoint_every)
+        done, failed = ckpt.restore(reducers, ctx.device)
+        if done:
+            progress.info(f"dataset pass: resuming after {done} images from a checkpoint")
         handles = []
         buffered = 0
         try:
@@ -142,8 +191,9 @@ class TopKPass(AnalysisPass):
                 handles.append(get_module(ctx.net, n).register_forward_hook(reducers[n]))
             handles.append(get_module(ctx.net, names[-1]).register_forward_hook(_stop))
             with model_guard(ctx.net), torch.inference_mode(), \
-                    progress.bar("dataset pass", len(ctx.images), "images") as advance:
-                for batch in ctx.batches(batch_size=self.config.batch_size):
+                    progress.bar("dataset pass", len(shard), "images") as advance:
+                advance(done)
+                for batch in ctx.batches(indices=shard[done:], batch_size=self.config.batch_size):
                     failed += [(int(i), e) for i, e in zip(batch.indices, batch.errors) if e]
                     ok = None if bool(batch.ok.all()) else batch.ok.to(ctx.device)
                     ids = batch.indices.to(ctx.device)
@@ -151,17 +201,22 @@ class TopKPass(AnalysisPass):
                         r.images, r.ok = ids, ok
                     run_until(ctx.net, batch.inputs)
                     buffered += len(ids)
-                    if buffered >= WINDOW_IMAGES:
+                    done += len(ids)
+                    if buffered >= min(WINDOW_IMAGES, ckpt.every or WINDOW_IMAGES):
                         for r in reducers.values():
                             r.flush()
                         buffered = 0
+                        ckpt.maybe_save(reducers, done, failed)
                     advance(len(ids))
                 for r in reducers.values():
                     r.flush()
         finally:
             for h in handles:
                 h.remove()
-        return self._result(ctx, names, reducers, failed)
+        if ctx.dist.active:
+            failed = _merge_ranks(reducers, failed, self.config.k)
+        ckpt.clear()
+        return self._result(ctx, names, reducers, sorted(failed))
 
     def _result(self, ctx, names, reducers, failed) -> Result:
         arrays: dict[str, np.ndarray] = {}
@@ -179,6 +234,71 @@ class TopKPass(AnalysisPass):
         meta = {"layers": names, "k": self.config.k, "failed_reasons": [e for _, e in failed],
                 "images_used": len(ctx.images) - len(failed)}
         return Result(meta=meta, arrays=arrays)
+
+
+def _merge_ranks(reducers: dict[str, LayerReducer], failed: list, k: int) -> list:
+    """Every rank ends with the global top-k and statistics: gather each rank's k candidates per
+    channel and keep the best k with the single-process tie-break; sum the statistics."""
+    from .. import distributed as d
+
+    for r in reducers.values():
+        st = r.state()
+        values = d.all_gather_cat(st["top.values"], dim=1)
+        images = d.all_gather_cat(st["top.images"], dim=1)
+        pos = d.all_gather_cat(st["top.pos"], dim=1)
+        order = lexsort_topk(values, images, k)
+        merged = {"values": values.gather(1, order), "images": images.gather(1, order), "pos": pos.gather(1, order)}
+        r.top.load_padded(merged)
+        stats = {key[6:]: d.all_reduce(v) for key, v in st.items() if key.startswith("stats.") and key != "stats.max"}
+        stats["max"] = d.all_reduce(st["stats.max"], op=d.dist.ReduceOp.MAX)
+        r.stats.load_state(stats)
+    return [item for part in d.all_gather_objects(failed) for item in part]
+
+
+class Checkpoint:
+    """The running state written atomically every ``every`` images, so a killed pass resumes.
+
+    It lives beside the pass's cache entry (its key covers weights, images and config, so a
+    checkpoint can only be resumed by the identical pass) and is removed once the pass finishes.
+    Arrays only, loaded without pickle.
+    """
+
+    def __init__(self, folder: Path | None, rank: int, every: int):
+        self.path = folder / f"rank{rank}.npz" if folder is not None and every > 0 else None
+        self.every, self.last = every, 0
+
+    def restore(self, reducers: dict[str, LayerReducer], device: torch.device) -> tuple[int, list]:
+        if self.path is None or not self.path.is_file():
+            return 0, []
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            for li, (name, r) in enumerate(reducers.items()):
+                r.load_state({k.split(":", 1)[1]: torch.from_numpy(v).to(device)
+                              for k, v in data.items() if k.startswith(f"L{li}:")})
+            failed = [(int(i), str(m)) for i, m in zip(data["failed"], data["failed_reasons"])]
+            self.last = int(data["done"][0])
+            return self.last, failed
+        except (OSError, ValueError, KeyError):
+            return 0, []  # a damaged checkpoint: start over
+
+    def maybe_save(self, reducers: dict[str, LayerReducer], done: int, failed: list) -> None:
+        if self.path is None or done - self.last < self.every:
+            return
+        arrays = {f"L{li}:{k}": v.cpu().numpy() for li, r in enumerate(reducers.values())
+                  for k, v in r.state().items()}
+        arrays["done"] = np.array([done], dtype=np.int64)
+        arrays["failed"] = np.array([i for i, _ in failed], dtype=np.int64)
+        arrays["failed_reasons"] = np.array([m for _, m in failed], dtype=str)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path)  # atomic: a kill leaves the old or the new checkpoint, never half
+        self.last = done
+
+    def clear(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
 
 
 @dataclass(frozen=True)
