@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+MAX_SIDE = 16384
+"""Largest data.resize / data.crop in pixels."""
+PILLOW_MAX_PIXELS = 2 * 89_478_485
+"""Pillow's hard limit (2 × PIL.Image.MAX_IMAGE_PIXELS): images above it are refused whatever
+data.max_pixels says, so the key is capped there."""
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,13 +48,15 @@ class DataConfig:
     """Refuse images that declare more pixels than this (decompression bombs)."""
 
     def validate(self, key: str) -> None:
-        _check(self.resize >= 0, f"{key}.resize", "must be ≥ 0 (0 keeps the size)")
-        _check(self.crop >= 0, f"{key}.crop", "must be ≥ 0 (0 means no crop)")
+        # Upper bounds: a typo like 22400 would otherwise allocate gigabytes per image.
+        _check(0 <= self.resize <= MAX_SIDE, f"{key}.resize", f"must be between 0 (keeps the size) and {MAX_SIDE}")
+        _check(0 <= self.crop <= MAX_SIDE, f"{key}.crop", f"must be between 0 (no crop) and {MAX_SIDE}")
         _check(len(self.mean) == 3, f"{key}.mean", "needs three numbers, one per RGB channel")
         _check(len(self.std) == 3, f"{key}.std", "needs three numbers, one per RGB channel")
         _check(all(s > 0 for s in self.std), f"{key}.std", "must be > 0 (it divides the pixels)")
         _check(self.max_images >= 0, f"{key}.max_images", "must be ≥ 0 (0 uses all images)")
-        _check(self.max_pixels > 0, f"{key}.max_pixels", "must be > 0")
+        _check(0 < self.max_pixels <= PILLOW_MAX_PIXELS, f"{key}.max_pixels",
+               f"must be > 0 and ≤ {PILLOW_MAX_PIXELS} (Pillow refuses larger images as decompression bombs)")
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,64 @@ class TopKConfig:
     """How many distinct images to keep per channel."""
     batch_size: int = 0
     """Images per forward pass; 0 picks one from the model's memory use."""
+    checkpoint_every: int = 4096
+    """Write the running state every N images so a killed build resumes (0 = never)."""
 
     def validate(self, key: str) -> None:
         _check(1 <= self.k <= 100, f"{key}.k", "must be between 1 and 100")
+        _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be ≥ 0 (0 turns checkpoints off)")
+        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    enabled: bool = True
+    """Attribute every top-k unit of every selected layer to the input pixels (issue 3)."""
+    methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
+    """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
+    batch_size: int = 0
+    """(image, unit) pairs per forward+backward; 0 picks 64 on the CPU, 256 on a GPU."""
+    max_side: int = 64
+    """Stored attribution crops are at most this many pixels wide (larger windows are shrunk)."""
+
+    def validate(self, key: str) -> None:
+        known = ("guided", "deconvnet", "gradient")
+        _check(len(self.methods) > 0, f"{key}.methods", "needs at least one method (or set enabled = false)")
+        for i, m in enumerate(self.methods):
+            _check(m in known, f"{key}.methods[{i}]", f"must be one of {', '.join(known)}, not {m!r}")
+        _check(len(set(self.methods)) == len(self.methods), f"{key}.methods", "lists a method twice")
+        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
+        _check(8 <= self.max_side <= 512, f"{key}.max_side", "must be between 8 and 512")
+
+
+@dataclass(frozen=True)
+class FeatureVisConfig:
+    enabled: bool = True
+    """Optimise an image for every channel of the selected layers (and every class)."""
+    steps: int = 64
+    """Gradient-ascent steps per image."""
+    lr: float = 0.05
+    """Step size: each step moves the image parameters by this much in RMS (normalised gradient)."""
+    jitter: int = -1
+    """Random shift in pixels applied before each step; -1 picks 1/16 of the image side, 0 disables."""
+    seed: int = 0
+    """Seed of the starting noise and the jitter: the same seed gives the same images."""
+    decorrelate: bool = True
+    """Fourier (1/f) parameterisation with decorrelated colours, as Lucid; false optimises raw pixels."""
+    image_size: int = 0
+    """Side in pixels of the optimised images; 0 uses the model's input size."""
+    classes: bool = True
+    """Also optimise one image per output class (maximising its logit)."""
+    batch_size: int = 0
+    """Channels optimised at once, one per batch element; 0 picks 64 on the CPU, 256 on a GPU."""
+
+    def validate(self, key: str) -> None:
+        _check(1 <= self.steps <= 10_000, f"{key}.steps", "must be between 1 and 10000")
+        _check(0 < self.lr <= 10, f"{key}.lr", "must be > 0 and ≤ 10")
+        _check(self.jitter >= -1, f"{key}.jitter", "must be ≥ 0 pixels, or -1 for 1/16 of the image side")
+        _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
+        _check(self.image_size == 0 or 8 <= self.image_size <= 1024, f"{key}.image_size",
+               "must be 0 (the model's input size) or between 8 and 1024")
         _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
 
 
@@ -166,12 +229,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
     tsne: TsneConfig = field(default_factory=TsneConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    featurevis: FeatureVisConfig = field(default_factory=FeatureVisConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
@@ -213,6 +278,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, not {value!r}")
+        if not math.isfinite(value):  # TOML allows nan and inf; no key means anything by them
+            raise ConfigError(f"config key {key!r} must be a finite number, not {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -254,6 +321,8 @@ def load(path: str | Path | None) -> Config:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p.name} is not valid TOML: {e}", "see site_config.toml for the format") from None
+    except RecursionError:  # tomllib recurses per nesting level of arrays and inline tables
+        raise ConfigError(f"{p.name} nests arrays or tables too deeply", "see site_config.toml for the format") from None
     try:
         return from_dict(table)
     except ConfigError as e:
