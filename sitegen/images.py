@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,16 @@ class ImageList:
         return np.array([r.label for r in self.records], dtype=np.int64)
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def shown(name: str) -> str:
+    """A file or folder name as the atlas shows it: bytes that are not UTF-8 (which Python keeps as
+    surrogate escapes, so the file can still be opened) become U+FFFD, so pages and JSON stay valid
+    UTF-8.  Use it for display only; ``ImageList.path`` needs the name as it is."""
+    return _SURROGATES.sub("\ufffd", name)
+
+
 def _walk(root: Path) -> Iterable[Path]:
     """Files under ``root`` in sorted order; symlinked folders are not followed (no loops)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
@@ -95,6 +107,9 @@ def discover(root: str | Path, max_images: int = 0) -> ImageList:
             st = p.stat()
         except OSError as e:
             skipped.append((rel, f"cannot stat: {e.strerror}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO (or a device) named x.jpg would block forever
+            skipped.append((rel, "not a regular file"))
             continue
         files.append((rel, st))
     if max_images:
@@ -134,8 +149,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def read_rgb(path: Path, max_pixels: int, shown_as: str | None = None) -> Image.Image:
     """Decode one image (first frame, EXIF orientation applied) as RGB, or raise ImageError."""
     name = shown_as or path.name
+    if not path.is_file():  # a FIFO would block open(); a folder or a broken link cannot be read
+        raise ImageError(f"{name}: not a regular file", "remove it from the images folder")
     try:
-        with Image.open(path) as img:
+        # Pillow warns above its own limit; ours (data.max_pixels, checked below) is the one that applies.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img_file = Image.open(path)
+        with img_file as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}×{h} pixels is over the limit of {max_pixels}",
@@ -148,7 +169,15 @@ def read_rgb(path: Path, max_pixels: int, shown_as: str | None = None) -> Image.
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        # Pillow's hard limit (2 × Image.MAX_IMAGE_PIXELS), reached before our check: data.max_pixels
+        # is capped at it, so this image is over the limit the user set too.
+        raise ImageError(f"{name}: declares more pixels than the limit of {max_pixels} (a possible "
+                         "decompression bomb); it was not decoded", "shrink the image or remove it") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied", "make the file readable (chmod +r) or remove it") from None
+    except Exception as e:  # noqa: BLE001 -- damaged files make Pillow's plugins raise almost anything
+        # (struct.error, IndexError, TypeError, ...): any failure to decode one file is that file's problem.
         raise ImageError(f"{name}: cannot decode ({str(e)[:120] or type(e).__name__})") from None
 
 
