@@ -6,6 +6,7 @@ compute nothing; every URL in it is relative, so the site works from ``file://``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 
 from .. import __version__, progress
 from ..context import BuildContext
-from ..images import load_pixels
+from ..images import load_pixels, shown
 from ..passes.base import Result
 from ..passes.topk import channel_top
 from .patches import PixelCache, crop_box, display_box, save_image, sprite
@@ -101,8 +102,9 @@ def relative_root(path: str) -> str:
 def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
     """The machine-readable atlas (``data/atlas.json``, schema in docs/atlas-json.md)."""
     failed = set(int(i) for i in topk.arrays["failed"])
-    skipped = [{"path": p, "reason": r} for p, r in ctx.images.skipped]
-    skipped += [{"path": ctx.images.records[i].rel, "reason": reason}
+    # shown(): file and folder names may hold bytes that are not UTF-8; pages and JSON must stay UTF-8.
+    skipped = [{"path": shown(p), "reason": shown(r)} for p, r in ctx.images.skipped]
+    skipped += [{"path": shown(ctx.images.records[i].rel), "reason": shown(reason)}
                 for i, reason in zip(topk.arrays["failed"].tolist(), topk.meta["failed_reasons"])]
     layers = []
     for li, info in enumerate(ctx.layers):
@@ -113,8 +115,8 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
             entries = []
             for v, i, y, x in zip(top.values.tolist(), top.images.tolist(), top.y.tolist(), top.x.tolist()):
                 entries.append({
-                    "image": ctx.images.records[i].rel,
-                    "label": ctx.images.label_name(i),
+                    "image": shown(ctx.images.records[i].rel),
+                    "label": shown(ctx.images.label_name(i)),
                     "value": round(float(v), 6),
                     "fmap_yx": [int(y), int(x)],
                     "box_xyxy": list(info.rf.box(int(y), int(x))),
@@ -135,10 +137,10 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
     return {
         "schema": ATLAS_SCHEMA_VERSION,
         "generator": f"sitegen {__version__}",
-        "model": {"checkpoint": ctx.model.path.name, "arch": ctx.model.arch,
+        "model": {"checkpoint": shown(ctx.model.path.name), "arch": shown(ctx.model.arch),
                   "weights_sha256": ctx.model.weights_hash, "num_classes": ctx.model.num_classes},
         "data": {"images": len(ctx.images), "used": len(ctx.images) - len(failed),
-                 "classes": ctx.images.classes, "skipped": skipped,
+                 "classes": [shown(c) for c in ctx.images.classes], "skipped": skipped,
                  "input_size": list(ctx.input_size),
                  "mean": list(ctx.config.data.mean), "std": list(ctx.config.data.std),
                  "resize": ctx.config.data.resize, "crop": ctx.config.data.crop},
@@ -252,7 +254,8 @@ def write_pages(pages: list[Page], out: Path, site_title: str) -> None:
                               crumbs=[(root + url, text) for url, text in page.crumbs])
             dest = out / page.path
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(html, encoding="utf-8")
+            # errors="replace": a name that escaped shown() (a view's own string) costs a "?", not the build
+            dest.write_text(html, encoding="utf-8", errors="replace")
             advance(1)
 
 
@@ -263,9 +266,14 @@ def js_assign(name: str, data: Any) -> str:
     """``window.NAME = <data>;`` as a script file: the way to ship data that works from file://,
     where browsers refuse fetch() of local JSON.  ``<``, ``>`` and ``&`` are escaped so user
     strings (class folders, layer names) cannot close a script element if the text is ever inlined."""
+    return f"window.{name} = {safe_json(data)};\n"
+
+
+def safe_json(data: Any) -> str:
+    """JSON (ASCII) with ``<``, ``>`` and ``&`` as ``\\u`` escapes: the same data once parsed, but no
+    user string in it can close a script element or open a tag wherever the text ends up."""
     text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f"window.{name} = {text};\n"
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def search_index(atlas: dict[str, Any], pages: list[Page], site_title: str) -> dict[str, Any]:
@@ -301,6 +309,7 @@ def copy_assets(out: Path) -> None:
 
 
 def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: RenderOptions) -> dict[str, Any]:
+    opts = dataclasses.replace(opts, title=shown(opts.title))  # the default title is the checkpoint's name
     atlas = collect_atlas(ctx, results["topk"])
     views = [v for v in registered() if v.available(results)]
     pages = collect_pages(ctx, atlas, opts, results, views)
@@ -319,5 +328,5 @@ def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: Rende
     for l in public["layers"]:
         for ch in l["channels"]:
             ch["top"] = [{k: v for k, v in e.items() if k != "index"} for e in ch["top"]]
-    (out / "data" / "atlas.json").write_text(json.dumps(public, separators=(",", ":")), encoding="utf-8")
+    (out / "data" / "atlas.json").write_text(safe_json(public), encoding="utf-8")
     return atlas
