@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import pickle
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +63,33 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist", "check the path")
     if path.is_dir():
         raise ModelLoadError(f"{str(path)!r} is a folder, not a checkpoint file")
+    if not path.is_file():  # a FIFO or device: reading it could block or never end
+        raise ModelLoadError(f"{str(path)!r} is not a regular file", "pass the checkpoint file itself")
     if _is_torchscript(path):
         raise ModelLoadError(
             f"{name} is a TorchScript model; sitegen needs the eager PyTorch model to hook its layers",
             "save `model.state_dict()` with torch.save and pass the architecture with --arch",
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {name}: {e.strerror}", "check the file's permissions") from None
+    if magic == b"\x93NUMPY":
+        raise ModelLoadError(f"{name} is a NumPy .npy array, not a PyTorch checkpoint",
+                             "save the weights with torch.save(model.state_dict(), path)")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it was not written with; the error below says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # not a torch.save file: a raw pickle, or another format
+            raise ModelLoadError(
+                f"{name} is not a checkpoint torch.load can read without running code from it (a raw pickle "
+                "or another file format)",
+                "save `model.state_dict()` with torch.save; or, only for a file you trust, add --trust-pickle",
+            ) from None
         if "weights_only" in str(e) or "Weights only load failed" in str(e):
             raise ModelLoadError(
                 f"{name} holds pickled Python objects (e.g. a whole nn.Module); unpickling them runs code "
@@ -232,6 +252,44 @@ def check_finite(model: nn.Module, name: str) -> None:
             f"{name} has NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:4])})",
             "the checkpoint was saved from a diverged run; use an earlier checkpoint",
         )
+
+
+LOGIT_KEYS = ("logits", "out", "output")
+"""Keys of a dict output holding the class scores (HuggingFace's ``logits``, torchvision's ``out``)."""
+
+
+def logits(output: Any) -> torch.Tensor:
+    """The (batch, classes) scores in what a model's forward returned, or a ModelLoadError.
+
+    Layer hooks do not care what the forward returns, but passes that read the output do (occlusion,
+    class visualisations).  Accepted: a tensor; a tuple or list whose first item is one (Inception's
+    ``(logits, aux_logits)``); a dict (or HuggingFace ModelOutput) with a ``logits``/``out``/``output``
+    entry, or holding exactly one tensor.
+    """
+    found = output
+    if isinstance(found, (tuple, list)) and found:
+        found = found[0]
+    elif isinstance(found, Mapping):
+        keyed = [found[k] for k in LOGIT_KEYS if isinstance(found.get(k), torch.Tensor)]
+        tensors = [v for v in found.values() if isinstance(v, torch.Tensor)]
+        found = keyed[0] if keyed else tensors[0] if len(tensors) == 1 else None
+        if found is None:
+            raise ModelLoadError(
+                f"the model's forward returns a dict without class scores (keys: "
+                f"{', '.join(repr(k) for k in list(output)[:8])})",
+                f"return the logits as a tensor, or under one of the keys {', '.join(LOGIT_KEYS)}",
+            )
+    if not isinstance(found, torch.Tensor):
+        raise ModelLoadError(
+            f"the model's forward returns {type(output).__name__}, not a tensor of class scores",
+            "return the logits as a tensor (or as the first item of a tuple)",
+        )
+    if found.dim() != 2:
+        raise ModelLoadError(
+            f"the model's output has shape {tuple(found.shape)}, not (batch, classes)",
+            "sitegen reads class scores from a classifier's output; wrap the model so forward returns them",
+        )
+    return found
 
 
 def load_model(path: str | Path, arch: str = "", trust_pickle: bool = False) -> LoadedModel:
