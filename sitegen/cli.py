@@ -175,6 +175,8 @@ def demo(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global _debug
+    _debug = False  # set by the --debug callback; reset so one in-process call does not leak into the next
     try:
         app(args=argv, standalone_mode=False)
     except SitegenError as e:
@@ -190,11 +192,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:  # click's own usage errors arrive here in standalone_mode=False
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # Typer vendors its own click (typer._click), whose exceptions derive from TyperException.
+        if isinstance(e, (click.exceptions.ClickException, typer.exceptions.TyperException)) and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+            sys.exit(getattr(e, "exit_code", 2))
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
-        raise
+        if _debug:
+            raise
+        if isinstance(e, MemoryError):
+            print("error: out of memory", file=sys.stderr)
+            print("  hint: lower --batch-size, or data.max_pixels / data.resize for very large images", file=sys.stderr)
+            sys.exit(2)
+        # Not a problem with the inputs (those raise SitegenError) but a bug: one line, and how to see more.
+        print(f"error: internal error ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
+        print("  hint: this is a bug in sitegen; rerun with --debug for the traceback and report it", file=sys.stderr)
+        sys.exit(1)
     else:
         pass
