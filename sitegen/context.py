@@ -96,6 +96,10 @@ class BuildContext:
         )
         for pixels, ids, errors in loader:
             inputs = normalise(pixels.to(self.device, non_blocking=True), self.config.data)
+            if self.device.type == "cuda":
+                # cuDNN's fastest convolutions take NHWC; on the CPU, NCHW keeps the per-channel
+                # reductions of the dataset pass fast (they are ~50x slower on NHWC maps there).
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
             yield Batch(indices=ids, pixels=pixels, inputs=inputs, ok=ok, errors=list(errors))
 

@@ -178,22 +178,36 @@ class TopKPass(AnalysisPass):
 
     def run(self, ctx: BuildContext) -> Result:
         names = [l.name for l in ctx.layers]
-        reducers = {n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names}
         shard = list(ctx.dist.shard(len(ctx.images)))
+        dtype, agreement = self._choose_precision(ctx, names, shard)
         ckpt = Checkpoint(ctx.scratch, ctx.dist.rank, self.config.checkpoint_every)
-        done, failed = ckpt.restore(reducers, ctx.device)
+        reducers, failed = self._stream(ctx, names, shard, dtype, ckpt)
+        if ctx.dist.active:
+            failed = _merge_ranks(reducers, failed, self.config.k)
+        ckpt.clear()
+        result = self._result(ctx, names, reducers, sorted(failed))
+        result.meta["precision"] = {"used": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
+                                    "requested": self.config.precision, "agreement": agreement}
+        return result
+
+    def _stream(self, ctx: BuildContext, names: list[str], indices: list[int], dtype: torch.dtype | None,
+                ckpt: "Checkpoint | None" = None, label: str = "dataset pass"):
+        """One pass over ``indices`` (increasing): the filled reducers and the failed images."""
+        reducers = {n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names}
+        done, failed = ckpt.restore(reducers, ctx.device) if ckpt else (0, [])
         if done:
-            progress.info(f"dataset pass: resuming after {done} images from a checkpoint")
+            progress.info(f"{label}: resuming after {done} images from a checkpoint")
+        every = (ckpt.every if ckpt else 0) or WINDOW_IMAGES
         handles = []
         buffered = 0
         try:
             for n in names:
                 handles.append(get_module(ctx.net, n).register_forward_hook(reducers[n]))
             handles.append(get_module(ctx.net, names[-1]).register_forward_hook(_stop))
-            with model_guard(ctx.net), torch.inference_mode(), \
-                    progress.bar("dataset pass", len(shard), "images") as advance:
+            with model_guard(ctx.net), torch.inference_mode(), _autocast(ctx.device, dtype), \
+                    progress.bar(label, len(indices), "images") as advance:
                 advance(done)
-                for batch in ctx.batches(indices=shard[done:], batch_size=self.config.batch_size):
+                for batch in ctx.batches(indices=indices[done:], batch_size=self.config.batch_size):
                     failed += [(int(i), e) for i, e in zip(batch.indices, batch.errors) if e]
                     ok = None if bool(batch.ok.all()) else batch.ok.to(ctx.device)
                     ids = batch.indices.to(ctx.device)
@@ -202,21 +216,38 @@ class TopKPass(AnalysisPass):
                     run_until(ctx.net, batch.inputs)
                     buffered += len(ids)
                     done += len(ids)
-                    if buffered >= min(WINDOW_IMAGES, ckpt.every or WINDOW_IMAGES):
+                    if buffered >= min(WINDOW_IMAGES, every):
                         for r in reducers.values():
                             r.flush()
                         buffered = 0
-                        ckpt.maybe_save(reducers, done, failed)
+                        if ckpt:
+                            ckpt.maybe_save(reducers, done, failed)
                     advance(len(ids))
                 for r in reducers.values():
                     r.flush()
         finally:
             for h in handles:
                 h.remove()
-        if ctx.dist.active:
-            failed = _merge_ranks(reducers, failed, self.config.k)
-        ckpt.clear()
-        return self._result(ctx, names, reducers, sorted(failed))
+        return reducers, failed
+
+    def _choose_precision(self, ctx: BuildContext, names: list[str], shard: list[int]):
+        """Reduced precision only where it keeps the same top-k: on a sample of this rank's images,
+        the mean overlap of each channel's top-k set under autocast with its fp32 set must reach
+        ``min_agreement``; otherwise the pass falls back to fp32 and says so."""
+        requested = self.config.precision
+        if requested == "fp32":
+            return None, None
+        dtype = torch.bfloat16 if requested == "bf16" else torch.float16
+        sample = shard[: self.config.precision_sample]
+        exact, _ = self._stream(ctx, names, sample, None, label="precision check (fp32)")
+        low, _ = self._stream(ctx, names, sample, dtype, label=f"precision check ({requested})")
+        agreement = topk_agreement(exact, low)
+        if agreement < self.config.min_agreement:
+            progress.info(f"warning: {requested} changes the top-{self.config.k} sets (agreement "
+                          f"{agreement:.3f} < {self.config.min_agreement}); using fp32")
+            return None, agreement
+        progress.info(f"{requested}: top-{self.config.k} agreement with fp32 on {len(sample)} images: {agreement:.3f}")
+        return dtype, agreement
 
     def _result(self, ctx, names, reducers, failed) -> Result:
         arrays: dict[str, np.ndarray] = {}
@@ -234,6 +265,27 @@ class TopKPass(AnalysisPass):
         meta = {"layers": names, "k": self.config.k, "failed_reasons": [e for _, e in failed],
                 "images_used": len(ctx.images) - len(failed)}
         return Result(meta=meta, arrays=arrays)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def topk_agreement(a: dict[str, LayerReducer], b: dict[str, LayerReducer]) -> float:
+    """Mean over every channel of |top-k set A ∩ top-k set B| / k."""
+    total, count = 0.0, 0
+    for name in a:
+        ia, ib = a[name].top.images, b[name].top.images
+        if ia.shape[1] == 0:
+            continue
+        same = (ia[:, :, None] == ib[:, None, :]).any(2).float().sum(1) / ia.shape[1]
+        total += float(same.sum())
+        count += same.numel()
+    return total / count if count else 1.0
 
 
 def _merge_ranks(reducers: dict[str, LayerReducer], failed: list, k: int) -> list:

@@ -119,3 +119,30 @@ def test_resnet20_on_real_cifar_equals_brute_force(cifar_subset, resnet20_path, 
     assert len(ctx.images) == 200 and len(ctx.layers) == 19 + 9  # 19 convs + 9 blocks
     result = TopKPass(cfg.topk).run(ctx)
     check_against(ctx, result, brute_force(ctx, 9), 9, atol=1e-4)
+
+
+def test_reduced_precision_checked_against_fp32(tmp_path, tiny_checkpoint, make_images, paths):
+    make_images(tmp_path / "imgs", 30, size=16)
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]},
+                     "topk": {"k": 4, "precision": "bf16", "precision_sample": 30, "min_agreement": 0.5}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    result = TopKPass(cfg.topk).run(ctx)
+    prec = result.meta["precision"]
+    assert prec["requested"] == "bf16" and 0.5 <= prec["agreement"] <= 1.0 and prec["used"] == "bfloat16"
+    # An agreement nobody can reach forces fp32, and the result then equals a plain fp32 pass.
+    strict = from_dict({"model": {"arch": paths["tiny_arch"]},
+                        "topk": {"k": 4, "precision": "bf16", "precision_sample": 30, "min_agreement": 1.0}})
+    exact = TopKPass(from_dict({"topk": {"k": 4}}).topk).run(ctx)
+    forced = TopKPass(strict.topk).run(ctx)
+    if forced.meta["precision"]["agreement"] < 1.0:
+        assert forced.meta["precision"]["used"] == "fp32"
+        np.testing.assert_array_equal(forced.arrays["L1.images"], exact.arrays["L1.images"])
+
+
+def test_agreement_of_identical_and_disjoint_sets():
+    from sitegen.passes.topk import LayerReducer, topk_agreement
+
+    a, b = LayerReducer(2, 3, torch.device("cpu")), LayerReducer(2, 3, torch.device("cpu"))
+    a.top.images = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    b.top.images = torch.tensor([[3, 2, 1], [7, 8, 4]])
+    assert topk_agreement({"x": a}, {"x": b}) == pytest.approx((1.0 + 1 / 3) / 2)
