@@ -67,10 +67,19 @@ class TopKConfig:
     """Images per forward pass; 0 picks one from the model's memory use."""
     checkpoint_every: int = 4096
     """Write the running state every N images so a killed build resumes (0 = never)."""
+    precision: str = "fp32"
+    """fp32, or bf16/fp16 autocast -- used only if a sample's top-k sets agree with fp32."""
+    precision_sample: int = 512
+    """Images on which the reduced precision is checked against fp32."""
+    min_agreement: float = 0.95
+    """Mean top-k overlap with fp32 needed to keep the reduced precision."""
 
     def validate(self, key: str) -> None:
         _check(1 <= self.k <= 100, f"{key}.k", "must be between 1 and 100")
         _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be ≥ 0 (0 turns checkpoints off)")
+        _check(self.precision in ("fp32", "bf16", "fp16"), f"{key}.precision", "must be fp32, bf16 or fp16")
+        _check(self.precision_sample >= 1, f"{key}.precision_sample", "must be ≥ 1")
+        _check(0 <= self.min_agreement <= 1, f"{key}.min_agreement", "must be between 0 and 1")
         _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
 
 
