@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -43,7 +44,8 @@ class BuildReport:
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
     """Layer discovery (a probe forward/backward per layer) is cached like a pass result."""
-    key = f"layers-v1-{model.weights_hash[:16]}-{abs(hash(model.arch)) % 10**8:08d}-{'x'.join(map(str, input_shape))}"
+    arch = hashlib.sha256(model.arch.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # hash() is per-process
+    key = f"layers-v1-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
     path = cache / f"{key}.json" if cache else None
     if path and path.is_file():
         try:
