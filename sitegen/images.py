@@ -241,15 +241,16 @@ class PixelDataset(torch.utils.data.Dataset):
 
 def probe_input(images: ImageList, cfg: DataConfig, tries: int = 50) -> tuple[int, int]:
     """(H, W) of the first readable image after preprocessing: the model's input size."""
-    errors = []
+    errors: list[ImageError] = []
     for i in range(min(tries, len(images))):
         try:
             px = load_pixels(images, i, cfg)
             return int(px.shape[0]), int(px.shape[1])
         except ImageError as e:
-            errors.append(str(e))
+            errors.append(e)
+    # The first problem's own hint (e.g. "raise data.max_pixels") is the fix to show.
     raise ImageError(f"none of the first {min(tries, len(images))} images in {str(images.root)!r} could be read "
-                     f"(first problem: {errors[0] if errors else '?'})")
+                     f"(first problem: {errors[0].message if errors else '?'})", errors[0].hint if errors else None)
 
 
 def warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
