@@ -62,7 +62,8 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
     if not path.exists():
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist", "check the path")
     if path.is_dir():
-        raise ModelLoadError(f"{str(path)!r} is a folder, not a checkpoint file")
+        raise ModelLoadError(f"{str(path)!r} is a folder, not a checkpoint file",
+                             "pass the checkpoint file itself (e.g. the .pt or .pth file inside it)")
     if not path.is_file():  # a FIFO or device: reading it could block or never end
         raise ModelLoadError(f"{str(path)!r} is not a regular file", "pass the checkpoint file itself")
     if _is_torchscript(path):
