@@ -17,6 +17,11 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
     from .tsne import TsnePass
 
     passes: list[AnalysisPass] = [TopKPass(cfg.topk)]
+    # Attributions of every top-k unit (issue 3): reads the topk result, so it comes right after it.
+    if cfg.attribution.enabled:
+        from .attribution import AttributionPass
+
+        passes.append(AttributionPass(cfg.attribution))
     # Whole-model views (issue 4): each its own pass, each switched off by `enabled = false`.
     if cfg.occlusion.enabled:
         passes.append(OcclusionPass(cfg.occlusion, cfg.samples))

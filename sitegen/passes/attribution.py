@@ -1,0 +1,177 @@
+"""The attribution pass: guided backprop, deconvnet and gradient for every top-k unit (issue 3).
+
+For every selected layer, channel and top-k entry, the unit is the channel at the recorded position
+in that image; :func:`sitegen.attribution.attribute` back-propagates from it alone to the input
+pixels with each configured rule.
+
+Speed
+-----
+All (image, unit) pairs of one layer are sorted by image and cut into batches of ``batch_size``
+pairs; each batch is one forward, stopped right after the layer, and one backward per method
+(``attribute`` does both).  Each image is decoded once per layer at most (a byte-bounded pixel
+cache keeps it across the layer's batches and, when it fits, across layers).  The forward cannot
+be shared between pairs, layers or methods: every unit needs its own backward, and autograd can
+only run a per-sample backward through a per-sample forward.
+
+Storage
+-------
+The renderer only reads, so the pass stores what the page shows and nothing more: for each unit
+and method, the attribution inside the unit's display window
+(:func:`sitegen.render.patches.display_box`, the very crop of its top-k patch), already turned
+into a display image by :func:`sitegen.attribution.normalise_for_display` (uint8 RGB, grey = 0).
+Raw float maps of the whole input would cost ``3·H·W·4`` bytes per unit and method (12 KiB on
+CIFAR, 588 KiB on 224-px images); the uint8 crop costs ``3·s²`` with ``s = min(window, max_side)``
+(at most 3 KiB on CIFAR, whose windows are ≤ 32 px, so nothing is resampled there).  Windows wider
+than ``max_side`` (64 by default) are shrunk with a box filter, as the sprite shrinks patches:
+a 96-px patch then shows a 64-px attribution, detail the page cannot show anyway at tile scale.
+Measured on the shared ResNet-56 (all 84 layers, 3040 channels, k = 9, three methods): see
+``bench/attribution_bench.py``; the arrays are ``Σ_layers C·k·methods·s²·3`` bytes.
+
+Arrays: ``L{i}.{method}`` uint8 ``(C, k, s, s, 3)`` for layer ``i`` of ``meta["layers"]`` (the
+top-k pass's order); slots of missing entries (fewer usable images than k) are plain grey.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import progress
+from ..attribution import attribute, normalise_for_display
+from ..config import AttributionConfig
+from ..context import BuildContext
+from ..errors import SitegenError
+from ..images import load_pixels, normalise
+from ..render.patches import GREY, PixelCache, display_box, resize_square
+from .base import AnalysisPass, Result
+
+PERCENTILE = 99.0
+"""Per-image scale of the display normalisation (``normalise_for_display``'s default)."""
+
+
+@dataclass
+class LayerPlan:
+    """The (image, unit) pairs of one layer, sorted by image so a batch shares decoded images."""
+
+    index: int
+    name: str
+    channels: int
+    window: int
+    """Side in input pixels of every unit's display window in this layer."""
+    side: int
+    """Side of the stored crops: ``min(window, max_side)``."""
+    c: np.ndarray
+    j: np.ndarray
+    """Slot in the channel's top-k list."""
+    image: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    """Top-left corner of each display window (may lie outside the image)."""
+
+    def __len__(self) -> int:
+        return len(self.c)
+
+
+def plan_layer(ctx: BuildContext, topk: Result, li: int, max_side: int) -> LayerPlan:
+    name = topk.meta["layers"][li]
+    info = ctx.layer(name)
+    a = topk.arrays
+    valid = np.isfinite(a[f"L{li}.values"])  # fewer usable images than k leaves -inf slots
+    c, j = np.nonzero(valid)
+    image, y, x = (a[f"L{li}.{key}"][c, j].astype(np.int64) for key in ("images", "y", "x"))
+    order = np.argsort(image, kind="stable")
+    c, j, image, y, x = c[order], j[order], image[order], y[order], x[order]
+    boxes = [display_box(info.rf.box(int(yy), int(xx)), ctx.input_size) for yy, xx in zip(y, x)]
+    first = display_box(info.rf.box(0, 0), ctx.input_size)
+    window = first[2] - first[0]  # the same for every unit of the layer
+    x0 = np.array([b[0] for b in boxes], dtype=np.int64)
+    y0 = np.array([b[1] for b in boxes], dtype=np.int64)
+    return LayerPlan(li, name, info.channels, window, min(window, max_side), c, j, image, y, x, x0, y0)
+
+
+def crop_windows(grads: torch.Tensor, x0: np.ndarray, y0: np.ndarray, window: int) -> np.ndarray:
+    """``(P, C, window, window)`` float crops of ``grads`` ``(P, C, H, W)``; zero outside the image
+    (an attribution is zero there, which the display turns into the patch's grey border)."""
+    h, w = grads.shape[2:]
+    lo = max(0, -int(min(x0.min(), y0.min())))
+    hi = max(0, int(max((x0 + window).max() - w, (y0 + window).max() - h)))
+    padded = torch.nn.functional.pad(grads, (lo, hi, lo, hi)) if lo or hi else grads
+    crops = [padded[p, :, y + lo:y + lo + window, x + lo:x + lo + window] for p, (x, y) in enumerate(zip(x0, y0))]
+    return torch.stack(crops).detach().float().cpu().numpy()
+
+
+def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
+    """One float crop ``(C, w, w)`` as the stored ``(side, side, 3)`` uint8 image."""
+    img = normalise_for_display(crop, PERCENTILE)
+    return resize_square(img, side) if img.shape[0] != side else img
+
+
+class AttributionPass(AnalysisPass):
+    name = "attribution"
+    version = 1
+    config: AttributionConfig
+
+    def cache_key(self, ctx: BuildContext) -> str:
+        """Also the top-k result's units: another k or other top images give other attributions."""
+        h = hashlib.sha256(super().cache_key(ctx).encode("ascii"))
+        topk = ctx.results.get("topk")
+        if topk is not None:
+            h.update(json.dumps([topk.meta["layers"], topk.meta["k"]]).encode("utf-8", "surrogateescape"))
+            for key in sorted(topk.arrays):
+                if key.endswith((".images", ".y", ".x")):
+                    h.update(key.encode("utf-8", "surrogateescape"))
+                    h.update(np.ascontiguousarray(topk.arrays[key]).tobytes())
+                elif key.endswith(".values"):
+                    h.update(np.isfinite(topk.arrays[key]).tobytes())
+        return h.hexdigest()[:24]
+
+    def run(self, ctx: BuildContext) -> Result:
+        topk = ctx.results.get("topk")
+        if topk is None:
+            raise SitegenError("the attribution pass needs the top-k pass's result",
+                               "run the topk pass first (sitegen.passes.default_passes does)")
+        methods = list(self.config.methods)
+        k = int(topk.meta["k"])
+        plans = [plan_layer(ctx, topk, li, self.config.max_side) for li in range(len(topk.meta["layers"]))]
+        batch = ctx.batch_size(self.config.batch_size)
+        pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=256 << 20)
+        arrays: dict[str, np.ndarray] = {}
+        total = sum(len(p) for p in plans) * len(methods)
+        with progress.bar("attribution", total, "units") as advance:
+            for plan in plans:
+                out = {m: np.full((plan.channels, k, plan.side, plan.side, 3), GREY, dtype=np.uint8) for m in methods}
+                for start in range(0, len(plan), batch):
+                    self._batch(ctx, plan, slice(start, start + batch), methods, pixels, out)
+                    advance(min(batch, len(plan) - start) * len(methods))
+                for m in methods:
+                    arrays[f"L{plan.index}.{m}"] = out[m]
+        meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
+                "windows": [p.window for p in plans], "sides": [p.side for p in plans],
+                "units": int(sum(len(p) for p in plans)), "percentile": PERCENTILE}
+        return Result(meta=meta, arrays=arrays)
+
+    def _batch(self, ctx: BuildContext, plan: LayerPlan, s: slice, methods: list[str],
+               pixels: PixelCache, out: dict[str, np.ndarray]) -> None:
+        """One forward (stopped at the layer) and one backward per method for the pairs ``s``."""
+        images = plan.image[s]
+        stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images])).to(ctx.device)
+        inputs = normalise(stacked, ctx.config.data)
+        units = list(zip(plan.c[s].tolist(), plan.y[s].tolist(), plan.x[s].tolist()))
+        cs, js = plan.c[s], plan.j[s]
+        for m in methods:
+            grads = attribute(ctx.net, inputs, plan.name, units, m)
+            crops = crop_windows(grads, plan.x0[s], plan.y0[s], plan.window)
+            del grads
+            for p in range(len(units)):
+                out[m][cs[p], js[p]] = display_crop(crops[p], plan.side)
+
+
+def unit_crops(result: Result, layer: str, channel: int, method: str) -> np.ndarray:
+    """``(k, s, s, 3)`` uint8 display crops of one channel's top-k units (for the view and tests)."""
+    li = result.meta["layers"].index(layer)
+    return result.arrays[f"L{li}.{method}"][channel]
