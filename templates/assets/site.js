@@ -23,3 +23,31 @@
     });
   });
 })();
+// Attribution method switch (guided / deconvnet / gradient): every attribution image is a window
+// into its channel's sprite, and the method picks the sprite row (CSS --r on [data-attr-rows]).
+// The choice is remembered across pages where the browser allows storage (not always on file://).
+(function () {
+  "use strict";
+  var KEY = "sitegen.attribution-method";
+  function show(input) {
+    var row = input.getAttribute("data-attr-row");
+    document.querySelectorAll("[data-attr-rows]").forEach(function (el) { el.style.setProperty("--r", row); });
+    document.querySelectorAll("[data-attr-note]").forEach(function (el) {
+      el.hidden = el.getAttribute("data-attr-note") !== input.value;
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var radios = document.querySelectorAll("input[data-attr-row]");
+    if (!radios.length) return;
+    var saved = null;
+    try { saved = window.localStorage.getItem(KEY); } catch (e) { saved = null; }
+    radios.forEach(function (input) {
+      input.addEventListener("change", function () {
+        if (!input.checked) return;
+        show(input);
+        try { window.localStorage.setItem(KEY, input.value); } catch (e) { /* storage refused: fine */ }
+      });
+      if (saved && input.value === saved) { input.checked = true; show(input); }
+    });
+  });
+})();

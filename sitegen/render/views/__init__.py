@@ -49,4 +49,7 @@ class View:
 
 def registered() -> list[View]:
     """Every view, in the order their links appear.  Add a new view here."""
-    return []
+    from .attribution import AttributionView
+
+    # AttributionView first: its method rows must be sprite rows 1, 2, 3 (row 0 = patches).
+    return [AttributionView()]

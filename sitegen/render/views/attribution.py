@@ -1,0 +1,232 @@
+"""Attribution view (issue 3): each top-k patch beside its guided-backprop image, and stage views.
+
+Reads the attribution pass's display crops (already normalised uint8 images of each unit's window;
+this view computes nothing) and
+ - adds one sprite row per method to every channel sprite, so a channel's sprite holds rows
+   ``[patches, guided, deconvnet, gradient]`` (in the configured method order), each cell the same
+   window as the patch above it;
+ - puts a partial on every channel page: each patch beside its attribution, a method switch that
+   changes the sprite row shown (no rebuild; ``assets/site.js``), and how the images are normalised;
+ - writes stage views ``stages/<stage>/<c>.html``: channel ``c`` of every residual block of a stage
+   side by side (``layer3.0`` → ``layer3.1`` → ..., Caffe ``res4a`` → ``res4b`` → ...), each with its
+   top-k and their attributions, plus the block's branch layer (the last convolution of its residual
+   branch) for the same channel when that layer is selected; ``stages/index.html`` lists them.
+
+The method rows start at sprite row 1: this view must stay the first registered view that adds
+sprite rows (``registered()`` in ``views/__init__.py``).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...layers import LayerInfo
+from ...passes.attribution import unit_crops
+from . import View
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...context import BuildContext
+    from ...passes.base import Result
+    from ..site import Page, RenderOptions
+
+FIRST_ROW = 1
+"""Sprite row of the first method (row 0 holds the patches)."""
+
+LABELS = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
+NOTES = {
+    "guided": "Guided backpropagation (Springenberg et al. 2015): at every ReLU the gradient passes only "
+              "where the forward input was positive and the gradient itself is positive.",
+    "deconvnet": "Deconvnet (Zeiler & Fergus 2014): at every ReLU the gradient is rectified (its negative "
+                 "part dropped), whatever the forward input was.",
+    "gradient": "Gradient: the plain gradient of the unit with respect to the input pixels.",
+}
+
+
+def normalisation_note(percentile: float, window: int | None = None, side: int | None = None) -> str:
+    """How ``sitegen.attribution.normalise_for_display`` made the images, in words for the page."""
+    pct = f"{percentile:g}"
+    text = (f"Each attribution image is scaled on its own, so brightness is not comparable between images: "
+            f"the crop shown (the same window as its patch) is divided by the {pct}th percentile of its "
+            f"absolute values (by its largest absolute value where that percentile is 0) and clipped to ±1. "
+            f"Grey is zero; each colour channel is brighter than grey where the attribution to that input "
+            f"channel is positive and darker where it is negative (signs kept, no mean subtracted); an "
+            f"all-zero attribution is plain grey, as is the part of a window outside the image.")
+    if window and side and side < window:
+        text += f" Windows of {window} px are stored shrunk to {side} px (box filter)."
+    return text
+
+
+@dataclass
+class Stage:
+    """The blocks of one residual stage that share a width, in order."""
+
+    stage: str
+    caffe: str
+    width: int
+    blocks: list[LayerInfo]
+    branches: dict[str, str]
+    """Block name -> its branch layer's name, when that layer is selected and of the same width."""
+    branch_caffe: dict[str, str]
+    left_out: list[LayerInfo] = field(default_factory=list)
+    """Blocks of the stage with another width (their channel c is a different feature map)."""
+
+    @property
+    def slug(self) -> str:
+        from ..site import slug
+
+        return slug(self.stage)
+
+
+def _caffe_stage(caffe: str) -> str:
+    m = re.match(r"res\d+", caffe)
+    return m.group(0) if m else ""
+
+
+def find_stages(ctx: "BuildContext", selected: list[str]) -> list[Stage]:
+    """Residual stages among the selected layers: blocks grouped by stage, of the stage's width.
+
+    A stage's width is the most common channel count of its selected blocks (ties: the last
+    block's, the stage's output width); only blocks of that width are compared.
+    """
+    chosen = set(selected)
+    infos = [ctx.layer(n) for n in selected]
+    stages: dict[str, list[LayerInfo]] = {}
+    for info in infos:
+        if info.kind == "block" and info.stage:
+            stages.setdefault(info.stage, []).append(info)
+    out = []
+    for stage, blocks in stages.items():
+        counts = Counter(b.channels for b in blocks)
+        best = max(counts.values())
+        width = next(b.channels for b in reversed(blocks) if counts[b.channels] == best)
+        same = [b for b in blocks if b.channels == width]
+        branches, branch_caffe = {}, {}
+        for b in same:
+            if b.branch and b.branch in chosen and ctx.layer(b.branch).channels == width:
+                branches[b.name] = b.branch
+                branch_caffe[b.name] = _branch_caffe(ctx, b)
+        out.append(Stage(stage, _caffe_stage(same[0].caffe), width, same, branches, branch_caffe,
+                         [b for b in blocks if b.channels != width]))
+    return out
+
+
+def _branch_caffe(ctx: "BuildContext", block: LayerInfo) -> str:
+    """Caffe name of the block's last branch convolution: ``res4c_branch2b`` for a basic block's
+    second convolution, ``..._branch2c`` for a bottleneck's third."""
+    convs = [l for l in ctx.all_layers if l.kind == "conv" and l.name.startswith(block.name + ".")
+             and "downsample" not in l.name and "shortcut" not in l.name]
+    if not block.caffe or not convs or len(convs) > 26:
+        return ""
+    return f"{block.caffe}_branch2{'abcdefghijklmnopqrstuvwxyz'[len(convs) - 1]}"
+
+
+class AttributionView(View):
+    name = "attribution"
+    channel_partial = "_channel_attribution.html"
+
+    def __init__(self) -> None:
+        self._stages: tuple[int, list[Stage]] | None = None
+
+    def available(self, results: dict[str, "Result"]) -> bool:
+        return "attribution" in results
+
+    def nav(self) -> list[tuple[str, str]]:
+        return [("stages/index.html", "residual stages: a channel across blocks")]
+
+    # -------------------------------------------------------------- channel sprites and pages
+
+    def sprite_rows(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int,
+                    patch_boxes: list[tuple[int, int, int, int]]) -> list[list[np.ndarray]]:
+        r = results["attribution"]
+        layer = atlas["layers"][li]["name"]
+        window = r.meta["windows"][r.meta["layers"].index(layer)]
+        for box in patch_boxes:
+            if box[2] - box[0] != window:  # the pass and the sprite must crop the same windows
+                raise RuntimeError(f"{layer}:{c}: patch window {box} is not the attribution's {window} px")
+        n = len(patch_boxes)
+        return [list(unit_crops(r, layer, c, m)[:n]) for m in r.meta["methods"]]
+
+    def _methods(self, results: dict) -> list[dict[str, Any]]:
+        return [{"name": m, "label": LABELS[m], "note": NOTES[m], "row": FIRST_ROW + i, "checked": i == 0}
+                for i, m in enumerate(results["attribution"].meta["methods"])]
+
+    def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
+        r = results["attribution"]
+        layer = atlas["layers"][li]["name"]
+        i = r.meta["layers"].index(layer)
+        stage = self._stage_of(ctx, atlas, layer)
+        link = None
+        if stage is not None:
+            link = {"url": f"stages/{stage.slug}/{c}.html", "stage": stage.stage, "caffe": stage.caffe}
+        return {"methods": self._methods(results), "default_row": FIRST_ROW,
+                "normalisation": normalisation_note(r.meta["percentile"], r.meta["windows"][i], r.meta["sides"][i]),
+                "stage": link}
+
+    # -------------------------------------------------------------- stage views
+
+    def stages(self, ctx: "BuildContext", atlas: dict) -> list[Stage]:
+        if self._stages is None or self._stages[0] != id(atlas):
+            self._stages = (id(atlas), find_stages(ctx, [l["name"] for l in atlas["layers"]]))
+        return self._stages[1]
+
+    def _stage_of(self, ctx: "BuildContext", atlas: dict, layer: str) -> Stage | None:
+        for s in self.stages(ctx, atlas):
+            if any(b.name == layer for b in s.blocks) or layer in s.branches.values():
+                return s
+        return None
+
+    def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
+        from ..site import Page
+
+        stages = self.stages(ctx, atlas)
+        crumbs = [("index.html", "atlas")]
+        pages = [Page("stages/index.html", "stages.html", {"stages": [self._summary(s) for s in stages]},
+                      title=f"residual stages · {opts.title}", crumbs=crumbs)]
+        by_name = {l["name"]: l for l in atlas["layers"]}
+        r = results["attribution"]
+        for s in stages:
+            for c in range(s.width):
+                pages.append(Page(f"stages/{s.slug}/{c}.html", "stage.html",
+                                  self._stage_context(s, c, by_name, r, atlas["k"], opts),
+                                  title=f"{s.stage}:{c} · {opts.title}",
+                                  crumbs=crumbs + [("stages/index.html", "residual stages")]))
+        return pages
+
+    def _summary(self, s: Stage) -> dict[str, Any]:
+        return {"stage": s.stage, "caffe": s.caffe, "width": s.width,
+                "blocks": [{"name": b.name, "caffe": b.caffe} for b in s.blocks],
+                "branches": len(s.branches),
+                "left_out": [{"name": b.name, "channels": b.channels} for b in s.left_out],
+                "channels": [{"c": c, "url": f"stages/{s.slug}/{c}.html"} for c in range(s.width)]}
+
+    def _stage_context(self, s: Stage, c: int, by_name: dict, r: "Result", k: int,
+                       opts: "RenderOptions") -> dict[str, Any]:
+        def column(name: str, caffe: str) -> dict[str, Any]:
+            from ..site import channel_url, sprite_url
+
+            ch = by_name[name]["channels"][c]
+            cells = [{"col": j, "name": e["image"].rsplit("/", 1)[-1], "image": e["image"], "label": e["label"],
+                      "value": e["value"], "fmap_yx": e["fmap_yx"]} for j, e in enumerate(ch["top"])]
+            return {"name": name, "caffe": caffe, "url": channel_url(name, c),
+                    "sprite": sprite_url(name, c, opts.image_format), "cells": cells,
+                    "dead": ch["stats"]["max"] <= 0}
+
+        blocks = []
+        for b in s.blocks:
+            col = column(b.name, b.caffe)
+            col["branch"] = column(s.branches[b.name], s.branch_caffe[b.name]) if b.name in s.branches else None
+            blocks.append(col)
+        sizes = [(r.meta["windows"][i], r.meta["sides"][i]) for i, name in enumerate(r.meta["layers"])
+                 if name in {b["name"] for b in blocks} | {b["branch"]["name"] for b in blocks if b["branch"]}]
+        shrunk = [(w, side) for w, side in sizes if side < w]
+        return {"stage": s.stage, "caffe": s.caffe, "width": s.width, "channel": c, "k": k,
+                "cell": max(16, opts.patch_size // 2), "blocks": blocks,
+                "left_out": [{"name": b.name, "channels": b.channels} for b in s.left_out],
+                "methods": self._methods({"attribution": r}), "default_row": FIRST_ROW,
+                "normalisation": normalisation_note(r.meta["percentile"], *(max(shrunk) if shrunk else (None, None))),
+                "prev": f"{c - 1}.html" if c > 0 else None,
+                "next": f"{c + 1}.html" if c + 1 < s.width else None}
