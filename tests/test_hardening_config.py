@@ -122,7 +122,7 @@ def test_empty_config_is_the_defaults(tmp_path):
 
 @pytest.mark.parametrize("flags, phrases", [
     (["--k", "0"], ["'topk.k'", "between 1 and 100"]),
-    (["--k", "nine"], ["'nine' is not a valid integer"]),
+    (["--k", "nine"], ["Invalid value for '--k'"]),
     (["--resize", "-3"], ["'data.resize'"]),
     (["--max-images", "-1"], ["'data.max_images'"]),
     (["--mean", "a,b,c"], ["--mean", "three numbers"]),
