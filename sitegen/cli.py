@@ -178,7 +178,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     global _debug
     _debug = False  # set by the --debug callback; reset so one in-process call does not leak into the next
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code, not
+        # an exception: exit with it, or an interrupted build would report success.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            if code == 130:
+                print("interrupted; nothing was published", file=sys.stderr)
+            sys.exit(code)
     except SitegenError as e:
         if _debug:
             traceback.print_exc()

@@ -68,6 +68,8 @@ def check_target(out: Path, force: bool) -> None:
     """Refuse, before any work, a folder that holds files sitegen did not write."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} is a file, not a folder", "choose another --out")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"output path {str(out)!r} is a symlink to nothing", "remove the link or choose another --out")
     try:
         empty = not out.exists() or not any(out.iterdir())
     except OSError as e:
@@ -101,10 +103,11 @@ def _files(root: Path) -> list[str]:
 def publish(staged: Path, out: Path) -> None:
     """Move a finished build from ``staged`` into ``out``."""
     new_files = [f for f in _files(staged) if f != MARKER]
-    if not out.exists() or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+    out = out.absolute()
+    # A new folder: the whole site appears in one rename.  An existing (empty or atlas) folder is kept,
+    # never removed and renamed over: it may be the working directory (-o .) or a symlink.
+    if not out.exists() and not out.is_symlink():
         (staged / MARKER).write_text(json.dumps({"files": new_files}, indent=0), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
         os.replace(staged, out)
         return
     old = [f for f in (_listed(out) or []) if _inside(out, f)]
