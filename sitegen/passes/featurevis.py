@@ -1,0 +1,412 @@
+"""Feature visualisation: an image optimised to excite each channel, and each output class.
+
+The recipe is the one of "How convolutional neural networks see the world" (Keras blog) made
+readable with Lucid/Lucent's regularisers:
+
+- start from low-amplitude noise around grey;
+- the image is parameterised in the Fourier domain with a 1/f amplitude scaling and decorrelated
+  colours (Olah et al., "Feature Visualization", 2017): a step of a given size then changes low
+  frequencies more than high ones, which suppresses the high-frequency patterns plain pixel ascent
+  produces; ``decorrelate = false`` optimises raw pixels (through a sigmoid) instead;
+- each step shifts the image by a random jitter of a few pixels, so the image cannot rely on exact
+  pixel positions;
+- the objective is the channel's mean activation over its feature map (or a class's logit); each
+  step is gradient *ascent* with the gradient normalised by its RMS, per image, so ``lr`` is the
+  RMS change of the parameters per step whatever the layer's gradient scale.
+
+Many channels are optimised at once, one per batch element: in eval mode the images of a batch do
+not interact, and summing their objectives gives each image its own gradient.  The forward is cut
+short after the layer (``capture_outputs(stop_after_last=True)``).
+
+The ReLU problem: a channel whose pre-activation is negative everywhere has a zero gradient through
+its ReLU, and so does every unit behind a ReLU that is off, and gradient ascent cannot start.
+Lucid's remedy, used here for the first quarter of the steps, is the *redirected ReLU*: where a
+sample's ordinary ReLU gradient is zero everywhere, the gradient passes anyway wherever it would
+raise the input (never where it would push an already negative input lower).  Afterwards the true
+gradient is used, so the final image is optimised for the real objective.  A channel that still
+ends with a mean activation ≤ 0 is reported as *never excited*.
+
+Results per layer ``i``: ``L{i}.images`` uint8 (C, H, W, 3), ``L{i}.objective`` (C,) the channel's
+mean activation on the final (stored, uint8) image, ``L{i}.start`` (C,) the same on the starting
+noise; ``classes.*`` likewise for the logits; ``colour`` the 3×3 colour matrix used.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .. import progress
+from ..attribution import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE, _lookup, _relu_call
+from ..config import FeatureVisConfig
+from ..context import BuildContext
+from ..errors import SitegenError
+from ..hooks import capture_outputs, get_module, model_guard, run_until
+from .base import AnalysisPass, Result
+
+REDIRECT_FRACTION = 0.25
+"""Share of the steps (the first ones) run with redirected ReLU gradients."""
+
+# Lucid's square root of the ImageNet colour covariance (columns: principal colour directions scaled
+# by the square root of their variance); used when no images are at hand to estimate one.
+IMAGENET_COLOUR = np.array([[0.26, 0.09, 0.02],
+                            [0.27, 0.00, -0.05],
+                            [0.27, -0.09, 0.03]], dtype=np.float64)
+
+FOURIER_SCALE = 4.0
+"""Lucid divides the inverse FFT by this constant so the starting image is faint."""
+
+
+class FeatureVisError(SitegenError):
+    """A model whose layer or output cannot be optimised for."""
+
+
+@dataclass(frozen=True)
+class Ascent:
+    """The knobs of one optimisation (from :class:`FeatureVisConfig` and the data config)."""
+
+    steps: int
+    lr: float
+    jitter: int
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    decorrelate: bool = True
+    colour: tuple[tuple[float, ...], ...] = tuple(map(tuple, IMAGENET_COLOUR))
+    seed: int = 0
+
+
+@dataclass
+class AscentResult:
+    images: np.ndarray
+    """uint8 (N, H, W, 3): the optimised images as stored and shown."""
+    objective: np.ndarray
+    """float32 (N,): each image's objective, measured on the uint8 image without jitter."""
+    start: np.ndarray
+    """float32 (N,): the objective of the starting noise (uint8, without jitter)."""
+    history: np.ndarray | None = None
+    """float32 (steps, N): the objective at every step, on the jittered input that step used."""
+
+
+# --- colours and parameterisation ----------------------------------------------------------------
+
+
+def colour_sqrt(pixels: np.ndarray) -> np.ndarray:
+    """The "SVD square root" of the pixel colour covariance, normalised as Lucid's.
+
+    ``pixels`` is uint8 (..., 3).  With cov = U diag(λ) Uᵀ the matrix is U diag(√λ), divided by its
+    largest column norm: mapping decorrelated unit-variance noise through it gives colours with the
+    data's correlations, the strongest direction at unit scale.
+    """
+    flat = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    if len(flat) < 3:
+        return IMAGENET_COLOUR / np.linalg.norm(IMAGENET_COLOUR, axis=0).max()
+    cov = np.cov(flat, rowvar=False)
+    lam, u = np.linalg.eigh(cov)
+    order = np.argsort(lam)[::-1]
+    lam, u = np.clip(lam[order], 0, None), u[:, order]
+    u *= np.where(u.sum(0) < 0, -1.0, 1.0)  # a fixed sign per direction: deterministic, first ≈ +grey
+    m = u * np.sqrt(lam)
+    norm = np.linalg.norm(m, axis=0).max()
+    if not np.isfinite(norm) or norm <= 0:  # a constant-colour data set has no correlations to use
+        m, norm = IMAGENET_COLOUR, np.linalg.norm(IMAGENET_COLOUR, axis=0).max()
+    return m / norm
+
+
+def fourier_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
+    """(h, w // 2 + 1) amplitude of each rfft2 coefficient: 1/f, unitary (Lucid's ``fft_image``)."""
+    fy = torch.fft.fftfreq(h, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64)[None, :]
+    freq = torch.sqrt(fx * fx + fy * fy)
+    scale = 1.0 / torch.clamp(freq, min=1.0 / max(h, w)) ** decay
+    return (scale * np.sqrt(h * w)).float()
+
+
+class ImageParam:
+    """N images as optimisable parameters: ``rgb()`` maps them to (N, 3, H, W) in (0, 1)."""
+
+    def __init__(self, init: torch.Tensor, a: Ascent):
+        self.a = a
+        self.params = init.clone().requires_grad_(True)
+        h, w = a.size
+        dev = init.device
+        self.colour = torch.tensor(np.asarray(a.colour, dtype=np.float32), device=dev)
+        self.scale = fourier_scale(h, w).to(dev)[None, None] if a.decorrelate else None
+
+    @staticmethod
+    def shape(n: int, a: Ascent) -> tuple[int, ...]:
+        h, w = a.size
+        return (n, 3, h, w // 2 + 1, 2) if a.decorrelate else (n, 3, h, w)
+
+    def rgb(self) -> torch.Tensor:
+        if not self.a.decorrelate:
+            return torch.sigmoid(self.params)
+        spectrum = torch.view_as_complex(self.params) * self.scale
+        t = torch.fft.irfft2(spectrum, s=self.a.size) / FOURIER_SCALE
+        t = torch.einsum("ij,njhw->nihw", self.colour, t)  # decorrelated -> RGB
+        return torch.sigmoid(t)
+
+
+def starting_params(units: list[int], a: Ascent, key: str, device: torch.device | None = None) -> torch.Tensor:
+    """Low-amplitude noise (σ = 0.01, as Lucid) for the images of ``units`` in the group ``key``:
+    each unit's noise comes from its own seed (seed, key, unit), so an image does not depend on
+    which other units share its batch."""
+    shape = ImageParam.shape(1, a)[1:]
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(_seed(a.seed, f"{key}\0{u}"))) * 0.01
+             for u in units]
+    out = torch.stack(noise) if noise else torch.zeros(ImageParam.shape(0, a))
+    return out.to(device or torch.device("cpu"))
+
+
+def _seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()[:8], "little") \
+        & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def jitter(x: torch.Tensor, amount: int, g: torch.Generator) -> torch.Tensor:
+    """Shift the batch by a random (dy, dx) in [-amount, amount], filling the border by reflection."""
+    if amount <= 0:
+        return x
+    h, w = x.shape[-2:]
+    pad = min(amount, h - 1, w - 1)
+    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
+    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return padded[..., dy:dy + h, dx:dx + w]
+
+
+# --- redirected ReLU -------------------------------------------------------------------------------
+
+
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU forward; backward as Lucid's ``redirected_relu_grad``, per sample of the batch.
+
+    ``grad`` is d(objective)/d(output), the objective being *maximised*.  Where a sample's ordinary
+    ReLU gradient is zero everywhere, the redirected one is used: the incoming gradient wherever the
+    input is ≥ 0, and where it is negative only if it would raise the input.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        ctx.save_for_backward(x > 0, x < 0)  # masks, not x: an in-place ReLU overwrites x
+        if inplace:
+            ctx.mark_dirty(x)
+            return torch.relu_(x)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        positive, negative = ctx.saved_tensors
+        relu_grad = grad * positive
+        redirected = torch.where(negative & (grad < 0), torch.zeros_like(grad), grad)
+        if grad.dim() < 2:
+            blocked = relu_grad.abs().sum() == 0
+        else:
+            blocked = (relu_grad.flatten(1).abs().sum(1) == 0).view(-1, *[1] * (grad.dim() - 1))
+        return torch.where(blocked, redirected, relu_grad), None
+
+
+class _RedirectMode(TorchFunctionMode):
+    """Sends every ReLU of the forward (nn.ReLU, F.relu, torch.relu, in place or not) through
+    :class:`_RedirectedReLU`; everything else runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
+            x, inplace = _relu_call(func, args, kwargs)
+            return _RedirectedReLU.apply(x, inplace)
+        return func(*args, **kwargs)
+
+
+# --- objectives ------------------------------------------------------------------------------------
+
+Objective = Callable[[torch.Tensor], torch.Tensor]
+"""Normalised input batch (N, 3, H, W) -> objective per image (N,)."""
+
+
+@contextlib.contextmanager
+def channel_objective(model: nn.Module, layer: str, channels: torch.Tensor) -> Iterator[Objective]:
+    """Image ``i``'s objective: the spatial mean of channel ``channels[i]`` of ``layer``; the forward
+    stops after the layer."""
+    get_module(model, layer)
+    with capture_outputs(model, [layer], stop_after_last=True) as store:
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            store.clear()
+            run_until(model, x)
+            if layer not in store:
+                raise FeatureVisError(f"layer {layer!r} never ran during the forward pass")
+            out = store[layer]
+            if out.dim() != 4:
+                raise FeatureVisError(f"layer {layer!r} outputs shape {tuple(out.shape)}, not a feature map",
+                                      "choose convolutional layers (`sitegen layers` lists them)")
+            picked = out[torch.arange(len(channels), device=out.device), channels.to(out.device)]
+            return picked.flatten(1).mean(1)
+
+        yield objective
+
+
+@contextlib.contextmanager
+def class_objective(model: nn.Module, classes: torch.Tensor) -> Iterator[Objective]:
+    """Image ``i``'s objective: the logit of class ``classes[i]`` (the model's output)."""
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise FeatureVisError("the model's output is not a (batch, classes) tensor of logits")
+        return out[torch.arange(len(classes), device=out.device), classes.to(out.device)]
+
+    yield objective
+
+
+# --- the ascent ------------------------------------------------------------------------------------
+
+
+def ascend(objective: Objective, init: torch.Tensor, a: Ascent, key: str, record: bool = False) -> AscentResult:
+    """Normalised gradient ascent of ``objective`` from the parameters ``init`` (see module doc).
+
+    The caller runs it under :func:`sitegen.hooks.model_guard` (eval mode, frozen parameters):
+    only the image receives gradients.  Deterministic for given ``init``, ``a`` and ``key``.
+    """
+    param = ImageParam(init, a)
+    g = torch.Generator().manual_seed(_seed(a.seed, key + "\0jitter"))
+    dev = init.device
+    mean = torch.tensor(a.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(a.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    start = _measure(objective, _quantise(param.rgb().detach()), mean, std)
+    redirect_until = int(round(a.steps * REDIRECT_FRACTION))
+    history = []
+    for step in range(a.steps):
+        x = (jitter(param.rgb(), a.jitter, g) - mean) / std
+        with (_RedirectMode() if step < redirect_until else contextlib.nullcontext()):
+            value = objective(x)
+            (grad,) = torch.autograd.grad(value.sum(), param.params)
+        if record:
+            history.append(value.detach().float().cpu())
+        rms = grad.flatten(1).pow(2).mean(1).sqrt().view(-1, *[1] * (grad.dim() - 1))
+        with torch.no_grad():
+            param.params += a.lr * grad / (rms + 1e-12)
+    images = _quantise(param.rgb().detach())
+    final = _measure(objective, images, mean, std)
+    return AscentResult(
+        images=images.permute(0, 2, 3, 1).cpu().numpy(),
+        objective=final, start=start,
+        history=torch.stack(history).numpy() if record else None,
+    )
+
+
+def _quantise(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> uint8, as stored and shown."""
+    return (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def _measure(objective: Objective, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        x = (images.float() / 255.0 - mean) / std
+        return objective(x).float().cpu().numpy()
+
+
+def visualise_channels(model: nn.Module, layer: str, channels: list[int], a: Ascent,
+                       record: bool = False, device: torch.device | None = None) -> AscentResult:
+    """Optimised images for ``channels`` of ``layer``, in one batch.  The model is left as found."""
+    dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    key = f"layer\0{layer}"
+    init = starting_params(channels, a, key, dev)
+    with model_guard(model), channel_objective(model, layer, torch.tensor(channels)) as objective:
+        return ascend(objective, init, a, key, record)
+
+
+def visualise_classes(model: nn.Module, classes: list[int], a: Ascent,
+                      record: bool = False, device: torch.device | None = None) -> AscentResult:
+    """Optimised images maximising the logits of ``classes``, in one batch."""
+    dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    init = starting_params(classes, a, "classes", dev)
+    with model_guard(model), class_objective(model, torch.tensor(classes)) as objective:
+        return ascend(objective, init, a, "classes", record)
+
+
+# --- the pass --------------------------------------------------------------------------------------
+
+
+class FeatureVisPass(AnalysisPass):
+    name = "featurevis"
+    version = 1
+    config: FeatureVisConfig
+
+    def ascent(self, ctx: BuildContext) -> Ascent:
+        cfg = self.config
+        h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
+        jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
+        colour = colour_sqrt(_sample_pixels(ctx)) if cfg.decorrelate else IMAGENET_COLOUR
+        return Ascent(steps=cfg.steps, lr=cfg.lr, jitter=jit, size=(h, w),
+                      mean=tuple(ctx.config.data.mean), std=tuple(ctx.config.data.std),
+                      decorrelate=cfg.decorrelate, colour=tuple(map(tuple, colour.tolist())), seed=cfg.seed)
+
+    def batch_size(self, ctx: BuildContext) -> int:
+        return self.config.batch_size or (256 if ctx.device.type == "cuda" else 64)
+
+    def run(self, ctx: BuildContext) -> Result:
+        a = self.ascent(ctx)
+        bs = self.batch_size(ctx)
+        arrays: dict[str, np.ndarray] = {"colour": np.asarray(a.colour, dtype=np.float32)}
+        meta: dict[str, Any] = {"layers": [l.name for l in ctx.layers], "steps": a.steps, "lr": a.lr,
+                                "jitter": a.jitter, "size": list(a.size), "decorrelate": a.decorrelate,
+                                "seed": a.seed, "redirect_steps": int(round(a.steps * REDIRECT_FRACTION))}
+        n_classes, reason = logit_count(ctx.net, a, ctx.device) if self.config.classes else (0, "featurevis.classes is false")
+        meta["classes_reason"] = reason
+        total = sum(l.channels for l in ctx.layers) + (n_classes or 0)
+        with progress.bar("feature visualisation", total, "images") as advance:
+            for li, info in enumerate(ctx.layers):
+                parts = []
+                for lo in range(0, info.channels, bs):
+                    chans = list(range(lo, min(lo + bs, info.channels)))
+                    parts.append(visualise_channels(ctx.net, info.name, chans, a, device=ctx.device))
+                    advance(len(chans))
+                _store(arrays, f"L{li}", parts, a)
+            meta["classes"] = 0
+            if n_classes:
+                parts = []
+                for lo in range(0, n_classes, bs):
+                    ks = list(range(lo, min(lo + bs, n_classes)))
+                    parts.append(visualise_classes(ctx.net, ks, a, device=ctx.device))
+                    advance(len(ks))
+                _store(arrays, "classes", parts, a)
+                meta["classes"] = n_classes
+        return Result(meta=meta, arrays=arrays)
+
+
+def logit_count(model: nn.Module, a: Ascent, device: torch.device) -> tuple[int, str]:
+    """How many logits the model outputs for an image of the ascent's size (0 and why, if none)."""
+    try:
+        with model_guard(model), torch.no_grad():
+            out = model(torch.zeros((1, 3, *a.size), device=device))
+    except Exception as e:  # e.g. a fixed-size classifier head and a different image_size
+        return 0, f"the model cannot run on a {a.size[1]}×{a.size[0]} image ({type(e).__name__})"
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return 0, "the model's output is not a (batch, classes) tensor of logits"
+    return int(out.shape[1]), ""
+
+
+def _store(arrays: dict[str, np.ndarray], prefix: str, parts: list[AscentResult], a: Ascent) -> None:
+    h, w = a.size
+    arrays[f"{prefix}.images"] = np.concatenate([p.images for p in parts]) if parts else \
+        np.zeros((0, h, w, 3), np.uint8)
+    arrays[f"{prefix}.objective"] = np.concatenate([p.objective for p in parts]).astype(np.float32) if parts else \
+        np.zeros(0, np.float32)
+    arrays[f"{prefix}.start"] = np.concatenate([p.start for p in parts]).astype(np.float32) if parts else \
+        np.zeros(0, np.float32)
+
+
+def _sample_pixels(ctx: BuildContext, n: int = 256) -> np.ndarray:
+    """uint8 pixels of up to ``n`` decodable images, for the colour statistics."""
+    idx = list(range(min(n, len(ctx.images))))
+    chunks = [b.pixels[b.ok].numpy() for b in ctx.batches(idx)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.uint8)
+
+
+def never_excited(result: Result, li: int) -> np.ndarray:
+    """Channels of selected layer ``li`` whose best image leaves the mean activation ≤ 0."""
+    return np.nonzero(result.arrays[f"L{li}.objective"] <= 0)[0]
