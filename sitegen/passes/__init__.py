@@ -11,6 +11,8 @@ from .base import AnalysisPass
 
 def default_passes(cfg: Config) -> list[AnalysisPass]:
     from .activations import ActivationsPass
+    from .correspondence import CorrespondenceConfig, CorrespondencePass
+    from .featurevis import FeatureVisPass
     from .kernels import KernelsPass
     from .occlusion import OcclusionPass
     from .topk import TopKPass
@@ -31,4 +33,9 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
         passes.append(KernelsPass(cfg.kernels))
     if cfg.activations.enabled:
         passes.append(ActivationsPass(cfg.activations, cfg.samples))
+    # Issue 6: feature visualisation (expensive: gradient ascent per channel) and the layer
+    # correspondence read off the top-k sets (cheap, always on).
+    if cfg.featurevis.enabled:
+        passes.append(FeatureVisPass(cfg.featurevis))
+    passes.append(CorrespondencePass(CorrespondenceConfig(topk=cfg.topk)))
     return passes
