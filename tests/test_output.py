@@ -79,6 +79,17 @@ def test_new_folder_gets_the_site_and_a_marker(tmp_path):
     _no_staging_left(tmp_path)
 
 
+def test_marker_survives_names_that_are_not_utf8(tmp_path):
+    """The marker is JSON; a file name that is not UTF-8 (surrogate escapes) round-trips through it."""
+    out = tmp_path / "site"
+    odd = "img/" + corpus.NON_UTF8 + ".png"
+    _atlas(out, {"index.html": "one", odd: "odd"})
+    assert odd in _listed(out)
+    (out / MARKER).read_bytes().decode("ascii")  # escaped, so valid in any encoding
+    _atlas(out, {"index.html": "two"})  # a rebuild finds and removes it
+    assert not (out / odd).exists() and not (out / "img").exists()
+
+
 def test_non_empty_folder_that_is_not_an_atlas_is_refused(tmp_path):
     out = tmp_path / "docs"
     out.mkdir()
