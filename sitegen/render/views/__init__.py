@@ -50,6 +50,8 @@ class View:
 def registered() -> list[View]:
     """Every view, in the order their links appear.  Add a new view here."""
     from .attribution import AttributionView
+    from .correspondence import CorrespondenceView
+    from .featurevis import FeatureVisView
 
     # AttributionView first: its method rows must be sprite rows 1, 2, 3 (row 0 = patches).
-    return [AttributionView()]
+    return [AttributionView(), FeatureVisView(), CorrespondenceView()]

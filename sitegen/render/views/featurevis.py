@@ -1,0 +1,145 @@
+"""Feature-visualisation images: on every channel tile and channel page, a page of the channels
+gradient ascent could not excite (beside the dataset's dead-channel report), and a page per class.
+
+Images are written one small PNG per channel (``img/<layer>/<c>.fv.png``) at the optimised size
+and enlarged by the browser (pixelated): a per-layer grid would make every channel page download
+the whole layer's images, which for a 2048-channel layer of 224 px images is hundreds of MB.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..patches import save_image
+from . import View
+
+CLASS_DIR = "img/featurevis-classes"
+"""Layer folders are named after module names, which as Python attributes cannot contain a dash."""
+
+
+def channel_image_url(layer: str, c: int) -> str:
+    from ..site import slug
+
+    return f"img/{slug(layer)}/{c}.fv.png"
+
+
+def class_image_url(k: int) -> str:
+    return f"{CLASS_DIR}/{k}.png"
+
+
+def class_names(ctx, n: int) -> list[str]:
+    """The image folder's class names when there is one per logit, else ``class <k>``."""
+    classes = list(ctx.images.classes)
+    return classes if len(classes) == n else [f"class {k}" for k in range(n)]
+
+
+def _usable(results: dict) -> bool:
+    r = results.get("featurevis")
+    return r is not None and "layers" in r.meta
+
+
+def _dead_on_data(channel: dict) -> bool:
+    return channel["stats"]["max"] <= 0  # the atlas's own "never fires" rule (index page)
+
+
+class FeatureVisView(View):
+    name = "featurevis"
+    channel_partial = "_channel_featurevis.html"
+
+    def available(self, results: dict) -> bool:
+        return _usable(results)
+
+    def nav(self) -> list[tuple[str, str]]:
+        return [("featurevis.html", "Feature visualisation"), ("classes/index.html", "Class visualisations")]
+
+    def _layer_index(self, results: dict, name: str) -> int | None:
+        names = results["featurevis"].meta["layers"]
+        return names.index(name) if name in names else None
+
+    def channel_context(self, ctx, atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
+        layer = atlas["layers"][li]
+        fi = self._layer_index(results, layer["name"])
+        if fi is None:
+            return {"present": False}
+        a = results["featurevis"].arrays
+        objective = float(a[f"L{fi}.objective"][c])
+        return {"present": True, "image": channel_image_url(layer["name"], c),
+                "objective": objective, "start": float(a[f"L{fi}.start"][c]), "excited": objective > 0,
+                "dead_on_data": _dead_on_data(layer["channels"][c]), "size": results["featurevis"].meta["size"],
+                "settings": _settings(results["featurevis"].meta)}
+
+    def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
+        from ..site import Page, channel_url, layer_url
+
+        r = results["featurevis"]
+        rows, never = [], []
+        any_dead = False
+        for li, layer in enumerate(atlas["layers"]):
+            fi = self._layer_index(results, layer["name"])
+            if fi is None:
+                continue
+            objective = r.arrays[f"L{fi}.objective"]
+            start = r.arrays[f"L{fi}.start"]
+            _annotate(layer, objective)
+            off = [int(c) for c in np.nonzero(objective <= 0)[0]]
+            dead = [_dead_on_data(layer["channels"][c]) for c in off]
+            any_dead = any_dead or any(_dead_on_data(ch) for ch in layer["channels"])
+            rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "channels": len(objective),
+                         "never": len(off), "median": float(np.median(objective)) if len(objective) else 0.0,
+                         "median_start": float(np.median(start)) if len(start) else 0.0})
+            if off:
+                never.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(off),
+                              "channels": len(objective), "both": sum(dead),
+                              "list": [{"c": c, "url": channel_url(layer["name"], c), "dead": d}
+                                       for c, d in zip(off, dead)]})
+        crumbs = [("index.html", "atlas")]
+        summary = Page("featurevis.html", "featurevis.html", {
+            "layers": rows, "never": never, "settings": _settings(r.meta), "dead_report": any_dead,
+        }, title=f"Feature visualisation · {opts.title}", crumbs=crumbs)
+        return [summary, self._classes_page(ctx, r, opts)]
+
+    def _classes_page(self, ctx, r, opts):
+        from ..site import Page
+
+        n = int(r.meta.get("classes", 0))
+        names = class_names(ctx, n)
+        items = []
+        if n:
+            for k in range(n):
+                items.append({"k": k, "name": names[k], "src": class_image_url(k),
+                              "logit": float(r.arrays["classes.objective"][k]),
+                              "start": float(r.arrays["classes.start"][k])})
+        return Page("classes/index.html", "classes.html", {
+            "entries": items, "settings": _settings(r.meta), "reason": r.meta.get("classes_reason", ""),
+            "named": bool(n) and names == list(ctx.images.classes),
+        }, title=f"Class visualisations · {opts.title}", crumbs=[("index.html", "atlas")])
+
+    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+        r = results["featurevis"]
+        for layer in atlas["layers"]:
+            fi = self._layer_index(results, layer["name"])
+            if fi is None:
+                continue
+            for c, img in enumerate(r.arrays[f"L{fi}.images"]):
+                save_image(np.ascontiguousarray(img), out / channel_image_url(layer["name"], c), "png")
+        for k, img in enumerate(r.arrays.get("classes.images", np.zeros((0, 1, 1, 3), np.uint8))):
+            save_image(np.ascontiguousarray(img), out / class_image_url(k), "png")
+
+
+def _annotate(layer: dict, objective: np.ndarray) -> None:
+    """Record each channel's feature-vis image in the atlas's layer entry.
+
+    The layer page's context is built by site.py from the atlas's layer entry (``page.layer``) and
+    gives views no hook of their own; the tile reads the image from here.  ``pages`` runs before the
+    layer pages are collected, and the entry also lands in ``data/atlas.json`` for other tools.
+    """
+    for c, ch in enumerate(layer["channels"]):
+        ch["featurevis"] = {"image": channel_image_url(layer["name"], c),
+                            "objective": round(float(objective[c]), 6), "excited": bool(objective[c] > 0)}
+
+
+def _settings(meta: dict) -> dict[str, Any]:
+    keys = ("steps", "lr", "jitter", "size", "decorrelate", "seed", "redirect_steps")
+    return {k: meta[k] for k in keys if k in meta}
