@@ -198,8 +198,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:  # click's own usage errors arrive here in standalone_mode=False
         import click
 
-        # Typer vendors its own click (typer._click), whose exceptions derive from TyperException.
-        if isinstance(e, (click.exceptions.ClickException, typer.exceptions.TyperException)) and hasattr(e, "show"):
+        # Typer ≥ 0.20 vendors its own click (typer._click), whose exceptions derive from TyperException.
+        typer_error = getattr(getattr(typer, "exceptions", None), "TyperException", click.exceptions.ClickException)
+        if isinstance(e, (click.exceptions.ClickException, typer_error)) and hasattr(e, "show"):
             e.show()
             sys.exit(getattr(e, "exit_code", 2))
         if isinstance(e, (click.exceptions.Abort, typer.Abort)):
