@@ -198,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:  # click's own usage errors arrive here in standalone_mode=False
         import click
 
-        # Typer ≥ 0.20 vendors its own click (typer._click), whose exceptions derive from TyperException.
+        # Recent typer (0.29 here) vendors its own click (typer._click), whose exceptions derive from TyperException.
         typer_error = getattr(getattr(typer, "exceptions", None), "TyperException", click.exceptions.ClickException)
         if isinstance(e, (click.exceptions.ClickException, typer_error)) and hasattr(e, "show"):
             e.show()
