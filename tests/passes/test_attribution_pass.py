@@ -1,0 +1,171 @@
+"""The attribution pass against direct, one-unit-at-a-time attribute() calls on the real ResNet-20."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sitegen.attribution import attribute, normalise_for_display
+from sitegen.build import prepare
+from sitegen.config import AttributionConfig, from_dict
+from sitegen.errors import ConfigError
+from sitegen.images import load_pixels, normalise
+from sitegen.passes import default_passes
+from sitegen.passes.attribution import AttributionPass, unit_crops
+from sitegen.passes.base import Result
+from sitegen.passes.topk import TopKPass, channel_top
+from sitegen.render.patches import crop_box, display_box, resize_square
+
+# layer1.0.conv1: a 5-px field, so windows cross the image border; layer2.2: a 37-px field on 32-px
+# images, so the window is capped to the image's size (display_box) and may be off-centre.
+LAYERS = ["layer1.0.conv1", "layer2.2"]
+K = 4
+
+
+@pytest.fixture(scope="module")
+def built(resnet20_path, cifar_subset, paths):
+    cfg = from_dict({"layers": LAYERS, "model": {"arch": f"{paths['cifar_arch']}:resnet20"}, "topk": {"k": K}})
+    ctx = prepare(resnet20_path, cifar_subset(10), cfg, None)
+    ctx.results["topk"] = TopKPass(cfg.topk).run(ctx)
+    result = AttributionPass(cfg.attribution).run(ctx)
+    return ctx, result
+
+
+def _direct(ctx, layer: str, channel: int, j: int, method: str) -> np.ndarray:
+    """One unit, one image, one attribute() call; cropped and normalised independently of the pass."""
+    top = channel_top(ctx.results["topk"], layer, channel)
+    i, y, x = int(top.images[j]), int(top.y[j]), int(top.x[j])
+    inputs = normalise(load_pixels(ctx.images, i, ctx.config.data)[None], ctx.config.data)
+    grad = attribute(ctx.net, inputs, layer, [(channel, y, x)], method)[0].numpy()
+    x0, y0, x1, y1 = display_box(ctx.layer(layer).rf.box(y, x), ctx.input_size)
+    pad = 64  # larger than any window here: plain slicing of a zero-padded copy
+    padded = np.pad(grad, ((0, 0), (pad, pad), (pad, pad)))
+    crop = padded[:, y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+    return normalise_for_display(crop)
+
+
+def test_stored_crops_equal_direct_attribute_calls(built):
+    ctx, result = built
+    assert result.meta["methods"] == ["guided", "deconvnet", "gradient"]
+    checked = 0
+    for layer in LAYERS:
+        info = ctx.layer(layer)
+        for channel in (0, info.channels - 1):
+            top = channel_top(ctx.results["topk"], layer, channel)
+            for method in result.meta["methods"]:
+                stored = unit_crops(result, layer, channel, method)
+                assert stored.shape[0] == K and stored.dtype == np.uint8
+                for j in range(len(top.images)):
+                    want = _direct(ctx, layer, channel, j, method)
+                    # The same window as the patch the sprite draws for this entry.
+                    box = display_box(info.rf.box(int(top.y[j]), int(top.x[j])), ctx.input_size)
+                    patch = crop_box(load_pixels(ctx.images, int(top.images[j]), ctx.config.data), box)
+                    assert stored[j].shape == want.shape == patch.shape, (layer, channel, j)
+                    # Batched and single-image convolutions may round differently in the last bit.
+                    diff = np.abs(stored[j].astype(int) - want.astype(int))
+                    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (layer, channel, method, j)
+                    checked += 1
+    assert checked == 2 * 2 * 3 * K
+
+
+def test_windows_cross_the_border_and_attributions_are_not_blank(built):
+    ctx, result = built
+    windows = dict(zip(result.meta["layers"], result.meta["windows"]))
+    assert windows == {"layer1.0.conv1": 5, "layer2.2": 32}  # 37-px field capped to the 32-px image
+    for li, layer in enumerate(result.meta["layers"]):
+        for method in result.meta["methods"]:
+            crops = result.arrays[f"L{li}.{method}"]
+            # Top units respond strongly, so (nearly) every attribution has some non-grey pixel.
+            assert (crops.reshape(crops.shape[0] * K, -1) != 128).any(axis=1).mean() > 0.9, (layer, method)
+
+
+def test_result_saves_and_loads_without_pickle(built, tmp_path):
+    _, result = built
+    result.save(tmp_path / "r")
+    back = Result.load(tmp_path / "r")
+    assert back.meta == result.meta
+    assert set(back.arrays) == set(result.arrays)
+    for key, arr in result.arrays.items():
+        assert back.arrays[key].dtype == np.uint8
+        np.testing.assert_array_equal(back.arrays[key], arr)
+
+
+def test_cache_key_follows_methods_and_topk(built):
+    ctx, _ = built
+    key = lambda **kw: AttributionPass(AttributionConfig(**kw)).cache_key(ctx)  # noqa: E731
+    assert key() == key()
+    assert key(methods=("guided",)) != key()
+    assert key(methods=("deconvnet", "guided", "gradient")) != key()  # order = the page's row order
+    assert key(max_side=16) != key()
+    topk = ctx.results["topk"]
+    before = key()
+    other = Result(meta=dict(topk.meta), arrays=dict(topk.arrays))
+    other.arrays["L0.images"] = topk.arrays["L0.images"][:, ::-1].copy()  # other top images
+    ctx.results["topk"] = other
+    try:
+        assert key() != before
+    finally:
+        ctx.results["topk"] = topk
+
+
+def test_missing_entries_stay_grey_and_large_windows_shrink(built):
+    """One layer, gradient only: a slot without an image is plain grey; max_side shrinks crops
+    exactly as the sprite shrinks patches (box filter of the normalised window)."""
+    ctx, _ = built
+    topk = ctx.results["topk"]
+    li = topk.meta["layers"].index("layer2.2")
+    arrays = {f"L0.{k}": topk.arrays[f"L{li}.{k}"].copy() for k in ("values", "images", "y", "x")}
+    arrays["L0.values"][:, K - 1] = -np.inf  # as when fewer than k images could be used
+    sub = Result(meta={**topk.meta, "layers": ["layer2.2"]}, arrays=arrays)
+    ctx2 = dataclasses.replace(ctx, results={"topk": sub})
+    r = AttributionPass(AttributionConfig(methods=("gradient",), max_side=12)).run(ctx2)
+    assert r.meta["windows"] == [32] and r.meta["sides"] == [12]
+    crops = r.arrays["L0.gradient"]
+    assert crops.shape == (ctx.layer("layer2.2").channels, K, 12, 12, 3)
+    assert (crops[:, K - 1] == 128).all()
+    for channel in (1, 17):
+        want = resize_square(_direct(ctx2, "layer2.2", channel, 0, "gradient"), 12)
+        assert np.abs(crops[channel, 0].astype(int) - want.astype(int)).max() <= 1
+
+
+def test_model_left_as_found(built):
+    ctx, _ = built
+    net = ctx.net
+    net.train()
+    flags = [p.requires_grad for p in net.parameters()]
+    sub = Result(meta={**ctx.results["topk"].meta, "layers": ["layer1.0.conv1"]},
+                 arrays={f"L0.{k}": ctx.results["topk"].arrays[f"L0.{k}"] for k in ("values", "images", "y", "x")})
+    try:
+        AttributionPass(AttributionConfig(methods=("guided",))).run(dataclasses.replace(ctx, results={"topk": sub}))
+        assert all(m.training for m in net.modules())
+        assert [p.requires_grad for p in net.parameters()] == flags
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    finally:
+        net.eval()
+
+
+def test_needs_the_topk_result(built):
+    ctx, _ = built
+    with pytest.raises(Exception, match="top-k"):
+        AttributionPass(AttributionConfig()).run(dataclasses.replace(ctx, results={}))
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"methods": ["guided", "smoothgrad"]}, "attribution.methods[1]"),
+    ({"methods": []}, "attribution.methods"),
+    ({"methods": ["guided", "guided"]}, "attribution.methods"),
+    ({"batch_size": -1}, "attribution.batch_size"),
+    ({"max_side": 4}, "attribution.max_side"),
+])
+def test_config_errors_name_the_key(table, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        from_dict({"attribution": table})
+
+
+def test_default_passes_run_it_after_topk_unless_disabled():
+    names = [p.name for p in default_passes(from_dict({}))]
+    assert names.index("attribution") == names.index("topk") + 1
+    off = [p.name for p in default_passes(from_dict({"attribution": {"enabled": False}}))]
+    assert "attribution" not in off
