@@ -54,10 +54,12 @@ REDIRECT_FRACTION = 0.25
 """Share of the steps (the first ones) run with redirected ReLU gradients."""
 
 # Lucid's square root of the ImageNet colour covariance (columns: principal colour directions scaled
-# by the square root of their variance); used when no images are at hand to estimate one.
-IMAGENET_COLOUR = np.array([[0.26, 0.09, 0.02],
-                            [0.27, 0.00, -0.05],
-                            [0.27, -0.09, 0.03]], dtype=np.float64)
+# by the square root of their variance), normalised as Lucid does by its largest column norm; used
+# when no images are at hand to estimate one.
+_LUCID = np.array([[0.26, 0.09, 0.02],
+                   [0.27, 0.00, -0.05],
+                   [0.27, -0.09, 0.03]], dtype=np.float64)
+IMAGENET_COLOUR = _LUCID / np.linalg.norm(_LUCID, axis=0).max()
 
 FOURIER_SCALE = 4.0
 """Lucid divides the inverse FFT by this constant so the starting image is faint."""
@@ -106,7 +108,7 @@ def colour_sqrt(pixels: np.ndarray) -> np.ndarray:
     """
     flat = pixels.reshape(-1, 3).astype(np.float64) / 255.0
     if len(flat) < 3:
-        return IMAGENET_COLOUR / np.linalg.norm(IMAGENET_COLOUR, axis=0).max()
+        return IMAGENET_COLOUR
     cov = np.cov(flat, rowvar=False)
     lam, u = np.linalg.eigh(cov)
     order = np.argsort(lam)[::-1]
@@ -115,7 +117,7 @@ def colour_sqrt(pixels: np.ndarray) -> np.ndarray:
     m = u * np.sqrt(lam)
     norm = np.linalg.norm(m, axis=0).max()
     if not np.isfinite(norm) or norm <= 0:  # a constant-colour data set has no correlations to use
-        m, norm = IMAGENET_COLOUR, np.linalg.norm(IMAGENET_COLOUR, axis=0).max()
+        m, norm = IMAGENET_COLOUR, 1.0
     return m / norm
 
 

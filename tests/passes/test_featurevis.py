@@ -83,7 +83,7 @@ def test_vertical_edge_filter_gets_vertical_stripes(decorrelate):
     assert r.objective[0] > 4 * noise_resp[0], (r.objective, noise_resp)
     assert r.objective[1] > 4 * noise_resp[1], (r.objective, noise_resp)
     # Channel 0's image is mostly vertical structure, channel 1's mostly horizontal; noise is neither
-    # (measured energy ratios: 5-22).
+    # (measured energy ratios: 4.5-16).
     gx0, gy0 = gradient_energy(r.images[0])
     gx1, gy1 = gradient_energy(r.images[1])
     assert gx0 > 3 * gy0, (gx0, gy0)

@@ -1,0 +1,156 @@
+"""Feature-visualisation speed (issue 6): seconds per channel for the shared ResNet-56 at the default
+``[featurevis]`` settings, and the estimated time of the whole atlas (all 3040 channels + 10 classes).
+
+One batch of each measured layer is optimised exactly as the pass does it (``visualise_channels``
+with the pass's own settings: default steps, jitter, Fourier parameterisation, batch of up to 64
+channels).  The measured layers are the last block of each stage (the deepest, so the dearest, of
+its stage) and the logits; the cost of every other layer is scaled from the measured layer of its
+stage by the ratio of their forward multiply-accumulates up to the layer (the forward stops after
+the layer, and the backward costs about as much as the forward), counted with hooks.
+
+Wall-clock and process CPU seconds are both reported.  On a shared, loaded machine use
+``--threads 1``: with more OpenMP threads than free cores, torch's threads wait on each other and
+a step can take 10-25x longer than with one thread (measured here), so multi-thread figures from a
+loaded machine say more about the load than about sitegen.
+
+    python bench/featurevis_bench.py [--threads 1] [--steps 64] [--out bench/results-featurevis.json]
+
+``measure(...)`` is the entry point for ``bench/bench.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODEL = SHARED / "models" / "resnet56-4bfd9763.th"
+ARCH = f"{REPO / 'tests' / 'cifar_resnet.py'}:resnet56"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+sys.path.insert(0, str(REPO))
+from sitegen.config import FeatureVisConfig  # noqa: E402
+from sitegen.hooks import model_guard  # noqa: E402
+from sitegen.layers import discover  # noqa: E402
+from sitegen.model_loading import load_model  # noqa: E402
+from sitegen.passes.featurevis import IMAGENET_COLOUR, Ascent, visualise_channels, visualise_classes  # noqa: E402
+
+
+def macs_until(model: torch.nn.Module, names: list[str], size: tuple[int, int]) -> dict[str, int]:
+    """Multiply-accumulates of the forward up to (and including) each named layer, in execution order."""
+    total = 0
+    seen: dict[str, int] = {}
+    handles = []
+
+    def conv_hook(m, _i, out):
+        nonlocal total
+        total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, _i, out):
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    def mark(name):
+        def hook(_m, _i, _o):
+            seen.setdefault(name, total)
+        return hook
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, torch.nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    for n in names:  # registered after the conv hooks: a conv's own MACs are counted before its mark
+        handles.append(model.get_submodule(n).register_forward_hook(mark(n)))
+    try:
+        with model_guard(model), torch.no_grad():
+            model(torch.zeros((1, 3, *size)))
+    finally:
+        for h in handles:
+            h.remove()
+    seen["<logits>"] = total
+    return seen
+
+
+def time_batch(fn) -> dict[str, float]:
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
+
+
+def measure(steps: int | None = None, batch: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Time one batch per stage of the shared ResNet-56 at the default settings; estimate the atlas."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = FeatureVisConfig()
+    steps = steps or cfg.steps
+    batch = batch or cfg.batch_size or 64
+    size = (32, 32)
+    jitter = cfg.jitter if cfg.jitter >= 0 else max(1, round(32 / 16))
+    a = Ascent(steps=steps, lr=cfg.lr, jitter=jitter, size=size, mean=CIFAR_MEAN, std=CIFAR_STD,
+               decorrelate=cfg.decorrelate, colour=tuple(map(tuple, IMAGENET_COLOUR.tolist())), seed=cfg.seed)
+    model = load_model(MODEL, ARCH, False).model
+    layers = discover(model, (3, *size))
+    macs = macs_until(model, [l.name for l in layers], size)
+    stages: dict[str, list] = {}
+    for l in layers:
+        stages.setdefault(l.stage or "stem", []).append(l)
+    refs = {s: ls[-1] for s, ls in stages.items() if s != "stem"}  # the last block of each stage
+    measured: dict[str, dict[str, float]] = {}
+    for stage, l in refs.items():
+        chans = list(range(min(batch, l.channels)))
+        t = time_batch(lambda: visualise_channels(model, l.name, chans, a))
+        measured[l.name] = {**t, "channels": len(chans), "per_channel_wall_s": t["wall_s"] / len(chans),
+                            "per_channel_cpu_s": t["cpu_s"] / len(chans)}
+        print(f"{l.name}: {len(chans)} channels in {t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s CPU", file=sys.stderr)
+    t = time_batch(lambda: visualise_classes(model, list(range(10)), a))
+    measured["<logits>"] = {**t, "channels": 10, "per_channel_wall_s": t["wall_s"] / 10, "per_channel_cpu_s": t["cpu_s"] / 10}
+    # Scale: a layer costs its stage's measured layer's per-channel time × the ratio of MACs up to it.
+    est = {"wall_s": 0.0, "cpu_s": 0.0}
+    for stage, ls in stages.items():
+        ref = refs.get(stage) or refs[next(iter(refs))]  # the stem (conv1) scales from the first stage
+        for l in ls:
+            ratio = macs[l.name] / macs[ref.name]
+            est["wall_s"] += l.channels * measured[ref.name]["per_channel_wall_s"] * ratio
+            est["cpu_s"] += l.channels * measured[ref.name]["per_channel_cpu_s"] * ratio
+    est["wall_s"] += measured["<logits>"]["wall_s"]
+    est["cpu_s"] += measured["<logits>"]["cpu_s"]
+    channels = sum(l.channels for l in layers)
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg(), "platform": platform.platform(), "torch": torch.__version__},
+        "model": "shared ResNet-56 (CIFAR-10), 32x32 images", "device": "cpu",
+        "settings": {"steps": steps, "batch": batch, "lr": a.lr, "jitter": a.jitter, "decorrelate": a.decorrelate},
+        "measured": measured,
+        "atlas_estimate": {"layers": len(layers), "channels": channels, "classes": 10, **est,
+                           "per_channel_wall_s": est["wall_s"] / (channels + 10),
+                           "per_channel_cpu_s": est["cpu_s"] / (channels + 10)},
+        "gpu": "not measured: no GPU machine was lent to this task",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="ascent steps (default: the config's)")
+    ap.add_argument("--batch", type=int, default=None, help="channels per batch (default: 64 on the CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results-featurevis.json")
+    args = ap.parse_args()
+    if not MODEL.is_file():
+        sys.exit(f"the bench needs {MODEL}")
+    results = measure(args.steps, args.batch, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["atlas_estimate"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
