@@ -288,6 +288,26 @@ def test_model_returning_tuple_or_dict_builds(tmp_path, capfd, factory):
     assert (tmp_path / "site" / "layers" / "conv2" / "4.html").is_file()
 
 
+@pytest.mark.xfail(strict=False, reason="passes/occlusion.py, tsne.py and featurevis.py call the model and use its "
+                   "output as a tensor; they should go through sitegen.model_loading.logits()")
+@pytest.mark.parametrize("factory", ["as_tuple", "as_dict"])
+def test_model_returning_tuple_or_dict_builds_with_every_pass(tmp_path, capfd, factory):
+    """The passes that read the model's output (occlusion, t-SNE predictions, class visualisations)."""
+    (tmp_path / "outnet.py").write_text(OUTPUT_ARCH)
+    arch = f"{tmp_path / 'outnet.py'}:{factory}"
+    ckpt = tmp_path / "net.pt"
+    torch.save(build_architecture(arch, None).state_dict(), ckpt)
+    for cls in ("a", "b"):
+        corpus.write_good_images(tmp_path / "imgs" / cls, 5, seed=len(cls))
+    tables = {"topk": {"k": 2}, "occlusion": {"enabled": True},
+              "tsne": {"enabled": True, "max_points": 10, "pca_dims": 2, "perplexity": 2.0},
+              "featurevis": {"enabled": True, "steps": 2}}
+    cfg = corpus.fast_config(tmp_path / "c.toml", **tables)
+    code, _, err = corpus.run_cli(["-q", "build", str(ckpt), "--images", str(tmp_path / "imgs"), "--arch", arch,
+                                   "-o", str(tmp_path / "site"), "--config", str(cfg), "--no-cache"], capfd)
+    assert code == 0, err
+
+
 def test_logits_extracts_the_class_scores():
     z = torch.randn(2, 3)
     feats = torch.randn(2, 5, 4, 4)
