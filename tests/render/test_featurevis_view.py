@@ -90,7 +90,7 @@ def test_images_written_equal_the_pass(site):
             img = np.asarray(Image.open(out / "img" / name / f"{c}.fv.png").convert("RGB"))
             np.testing.assert_array_equal(img, a[f"L{li}.images"][c])
     for k in range(10):
-        img = np.asarray(Image.open(out / "img" / "featurevis-classes" / f"{k}.png").convert("RGB"))
+        img = np.asarray(Image.open(out / "img" / "featurevis-classes" / f"class-{k}.png").convert("RGB"))
         np.testing.assert_array_equal(img, a["classes.images"][k])
 
 

@@ -3,7 +3,9 @@ gradient ascent could not excite (beside the dataset's dead-channel report), and
 
 Images are written one small PNG per channel (``img/<layer>/<c>.fv.png``) at the optimised size
 and enlarged by the browser (pixelated): a per-layer grid would make every channel page download
-the whole layer's images, which for a 2048-channel layer of 224 px images is hundreds of MB.
+the whole layer's images, which for a 2048-channel layer of 224 px images is hundreds of MB.  They
+stay PNG whatever the sprites' format: they are small, synthetic and shown enlarged, where lossy
+WebP's blocks would show.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def channel_image_url(layer: str, c: int) -> str:
 
 
 def class_image_url(k: int) -> str:
-    return f"{CLASS_DIR}/{k}.png"
+    return f"{CLASS_DIR}/class-{k}.png"
 
 
 def class_names(ctx, n: int) -> list[str]:
