@@ -6,7 +6,7 @@ For the shared ResNet-56 over N CIFAR-10 test images, in one process and one run
   in inference mode; measured before *and* after the attribution pass (the machine is shared and
   its load drifts), and the mean of the two is the reference;
 - ``attribution``: :class:`sitegen.passes.attribution.AttributionPass` over the top-k units of every
-  selected layer (all 84 by default), all configured methods, decoding and display crops included;
+  selected layer (all 82 by default), all configured methods, decoding and display crops included;
 - ``naive``: one call per (channel, method) with a full forward each time, i.e. what a loop over
   channels calling an attribution on that channel's k images does: the channel's images decoded,
   the whole model run (not stopped at the layer), one backward from the k units, the same crops.
