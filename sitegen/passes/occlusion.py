@@ -27,6 +27,7 @@ from ..config import OcclusionConfig, SamplesConfig
 from ..context import BuildContext
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
+from ..model_loading import logits
 from .base import AnalysisPass, Result
 from .sampling import key_with, labels_match_outputs, output_names, sample_images
 
@@ -143,7 +144,7 @@ class OcclusionPass(AnalysisPass):
         hook.channels = None
         base_logits, maxima, totals = [], [], []
         for start in range(0, s, batch):
-            base_logits.append(ctx.net(x[start:start + batch]).float())
+            base_logits.append(logits(ctx.net(x[start:start + batch])).float())
             maxima.append(hook.maxima)
             totals.append(hook.total)
         probs = torch.cat(base_logits).softmax(1)
@@ -162,7 +163,7 @@ class OcclusionPass(AnalysisPass):
                 jobs = torch.arange(start, min(start + batch, s * p), device=x.device)
                 img, pos = jobs // p, jobs % p
                 hook.channels = channel[img]
-                out = ctx.net(occlude(x[img], boxes[pos])).float().softmax(1)
+                out = logits(ctx.net(occlude(x[img], boxes[pos]))).float().softmax(1)
                 prob[jobs] = out.gather(1, target[img][:, None])[:, 0]
                 best[jobs] = out.argmax(1)
                 total[jobs] = hook.total.float()

@@ -25,6 +25,7 @@ from ..config import TsneConfig
 from ..context import BuildContext
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
+from ..model_loading import logits as class_scores
 from .base import AnalysisPass, Result
 from .sampling import labels_match_outputs, output_names, stratified_sample
 
@@ -133,6 +134,9 @@ class TsnePass(AnalysisPass):
         side, cells = grid_assignment(xy[in_grid])
         t3 = time.perf_counter()
         names = output_names(ctx.images, k)
+        per_class = [{"class": int(c), "count": int((classes == c).sum()),
+                      "map": float(agree_map[classes == c].mean()), "codes": float(agree_codes[classes == c].mean())}
+                     for c in np.unique(classes)]
         meta = {
             "layer": layer, "code_dims": int(codes.shape[1]), "pca_dims": int(dims), "points": len(ids),
             "of_images": len(ctx.images), "perplexity": perplexity, "seed": self.config.seed,
@@ -141,6 +145,7 @@ class TsnePass(AnalysisPass):
             "class_names": list(ctx.images.classes) if by_label else names, "output_names": names,
             "labels_match_outputs": labels_match_outputs(ctx.images, k),
             "agreement_map": float(agree_map.mean()), "agreement_codes": float(agree_codes.mean()),
+            "per_class": per_class,
             "seconds": {"codes": round(t1 - t0, 3), "tsne": round(t2 - t1, 3), "after": round(t3 - t2, 3)},
         }
         arrays = {
@@ -167,7 +172,7 @@ class TsnePass(AnalysisPass):
                     progress.bar("codes for t-SNE", len(indices), "images") as advance:
                 for b in ctx.batches(indices):
                     seen.clear()
-                    out = ctx.net(b.inputs).float().cpu()
+                    out = class_scores(ctx.net(b.inputs)).float().cpu()
                     if not seen:
                         raise LayerError(f"the module {layer!r} did not run in a forward pass",
                                          "set tsne.layer to the classifier module (its input is the code)")

@@ -165,6 +165,15 @@ def _neighbours(ctx: BuildContext, layer_index: int) -> list[dict[str, Any]]:
     return out if len(out) > 1 else []
 
 
+def dull_channels(channels: list[dict[str, Any]], ratio: float) -> list[int]:
+    """Channels that barely vary: the std over images of their spatial mean is below ``ratio`` times
+    the median std of the layer's live channels (``site.dull_ratio``).  Dead channels (max ≤ 0) are
+    reported as dead only, and left out of the median, so a mostly dead layer still has a scale."""
+    live = [ch for ch in channels if ch["stats"]["max"] > 0]
+    typical = float(np.median([ch["stats"]["std"] for ch in live])) if live else 0.0
+    return [ch["channel"] for ch in live if ch["stats"]["std"] < ratio * typical]
+
+
 def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                   results: dict[str, Result] | None = None, views: list | None = None) -> list[Page]:
     results, views = results or {}, views or []
@@ -174,17 +183,24 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
     k = atlas["k"]
     layer_rows = []
     dead_rows = []
+    dull_rows = []
     for li, layer in enumerate(atlas["layers"]):
         dead = [ch["channel"] for ch in layer["channels"] if ch["stats"]["max"] <= 0]
+        dull = dull_channels(layer["channels"], ctx.config.site.dull_ratio)
         layer_rows.append({**{key: layer[key] for key in ("name", "kind", "shape", "caffe", "stage")},
                            "rf": layer["receptive_field"], "url": layer_url(layer["name"]),
-                           "dead": len(dead), "channels": layer["shape"][0]})
+                           "dead": len(dead), "dull": len(dull), "channels": layer["shape"][0]})
         if dead:
             dead_rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(dead),
                               "channels": layer["shape"][0],
                               "list": [{"c": c, "url": channel_url(layer["name"], c)} for c in dead[:64]]})
+        if dull:
+            dull_rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(dull),
+                              "channels": layer["shape"][0],
+                              "list": [{"c": c, "url": channel_url(layer["name"], c)} for c in dull[:64]]})
     pages.append(Page("index.html", "index.html", {
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
+        "dull": dull_rows, "dull_ratio": ctx.config.site.dull_ratio,
         "views": nav,
     }, title=opts.title))
     for v in views:
@@ -193,8 +209,10 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         name = layer["name"]
         n = len(layer["channels"])
         neighbours = _neighbours(ctx, li)
+        dull = set(dull_channels(layer["channels"], ctx.config.site.dull_ratio))
         tiles = [{"c": ch["channel"], "url": channel_url(name, ch["channel"]).split("/")[-1],
                   "sprite": sprite_url(name, ch["channel"], fmt), "dead": ch["stats"]["max"] <= 0,
+                  "dull": ch["channel"] in dull,
                   "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
         crumbs = [("index.html", "atlas")]
         pages.append(Page(layer_url(name), "layer.html", {

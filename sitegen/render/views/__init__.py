@@ -49,9 +49,15 @@ class View:
 
 def registered() -> list[View]:
     """Every view, in the order their links appear.  Add a new view here."""
+    from .activations import ActivationsView
     from .attribution import AttributionView
     from .correspondence import CorrespondenceView
     from .featurevis import FeatureVisView
+    from .image_pages import ImagePagesView
+    from .kernels import KernelsView
+    from .occlusion import OcclusionView
+    from .tsne import TsneView
 
     # AttributionView first: its method rows must be sprite rows 1, 2, 3 (row 0 = patches).
-    return [AttributionView(), FeatureVisView(), CorrespondenceView()]
+    return [AttributionView(), FeatureVisView(), CorrespondenceView(),
+            OcclusionView(), TsneView(), KernelsView(), ActivationsView(), ImagePagesView()]

@@ -1,0 +1,105 @@
+"""Activation maps: for each sample image (``activations/<n>.html``), every selected layer's feature
+maps as a grid of small pictures, channel c at row c // columns, column c % columns.
+
+Each layer's maps share one scale for that image: v = clip(a / M, 0, 1) with M the largest value
+of any of the layer's maps for the image, drawn in viridis (so negative values, e.g. a convolution's
+output before its ReLU, look like zero).  Maps that are never active for the image (maximum ≤ 0)
+get a red frame and are listed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..colormap import upscale, viridis
+from . import View
+from .image_pages import display_factor, image_url, picture_url, save_png, usable
+
+GAP = 2
+DEAD_FRAME = np.array([200, 30, 30], dtype=np.uint8)
+LISTED = 48
+"""Never-active channels named on a page per layer (the rest counted)."""
+
+
+def picture_path(n: int, li: int) -> str:
+    return f"img/activations/{n}/L{li}.png"
+
+
+def map_grid(maps: np.ndarray, peak: float, never: np.ndarray) -> tuple[np.ndarray, int]:
+    """(picture, columns): maps (C, h, w) on the scale [0, peak], channels row-major in a near-square
+    grid, each enlarged to about 48 px, never-active ones framed in red."""
+    c, h, w = maps.shape
+    columns = max(1, math.ceil(math.sqrt(c)))
+    rows = math.ceil(c / columns)
+    scale = max(1, round(48 / max(h, w)))  # tiles about 48 px: a 32×32 map doubled, a 7×7 one ×7
+    th, tw = h * scale, w * scale
+    v = np.clip(maps.astype(np.float64) / peak, 0.0, 1.0) if peak > 0 else np.zeros(maps.shape)
+    tiles = viridis(v)
+    out = np.full((rows * (th + GAP) + GAP, columns * (tw + GAP) + GAP, 3), 255, dtype=np.uint8)
+    for i in range(c):
+        r, col = divmod(i, columns)
+        y, x = GAP + r * (th + GAP), GAP + col * (tw + GAP)
+        if never[i]:
+            out[y - GAP:y + th + GAP, x - GAP:x + tw + GAP] = DEAD_FRAME
+        out[y:y + th, x:x + tw] = upscale(tiles[i], scale)
+    return out, columns
+
+
+class ActivationsView(View):
+    name = "activations"
+
+    def available(self, results: dict) -> bool:
+        return usable(results, "activations")
+
+    def nav(self) -> list[tuple[str, str]]:
+        return [("activations/index.html", "Activation maps")]
+
+    def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
+        from ..site import Page, layer_url
+
+        r = results["activations"]
+        a, m = r.arrays, r.meta
+        ids = a["images"].tolist()
+        factor = display_factor(ctx.input_size)
+        h, w = ctx.input_size
+        crumbs = [("index.html", "atlas")]
+        gallery = [{"url": f"{n}.html", "src": f"../{picture_url(n)}", "name": ctx.images.records[n].rel,
+                    "label": ctx.images.label_name(n)} for n in ids]
+        pages = [Page("activations/index.html", "activations.html",
+                      {"gallery": gallery, "width": w * factor, "height": h * factor, "layers": len(m["layers"])},
+                      title=f"Activation maps · {opts.title}", crumbs=crumbs)]
+        for s, n in enumerate(ids):
+            layers = []
+            for li, name in enumerate(m["layers"]):
+                mx = a[f"L{li}.max"][s]
+                never = np.flatnonzero(mx <= 0)
+                shape = list(ctx.layer(name).shape)
+                layers.append({
+                    "name": name, "url": f"../{layer_url(name)}", "shape": shape,
+                    "src": f"../{picture_path(n, li)}", "peak": float(max(mx.max(), 0.0)),
+                    "never": len(never), "never_list": never[:LISTED].tolist(), "channels": len(mx),
+                    "pooled": list(a[f"L{li}.maps"].shape[2:]) if list(a[f"L{li}.maps"].shape[2:]) != shape[1:] else None,
+                })
+            pages.append(Page(f"activations/{n}.html", "activations_image.html", {
+                "n": n, "name": ctx.images.records[n].rel, "label": ctx.images.label_name(n),
+                "src": f"../{picture_url(n)}", "image_url": f"../{image_url(n)}",
+                "width": w * factor, "height": h * factor, "layers": layers, "bar": "../img/colorbar.png",
+                "prev": f"{ids[s - 1]}.html" if s > 0 else None,
+                "next": f"{ids[s + 1]}.html" if s + 1 < len(ids) else None,
+            }, title=f"Activation maps of {ctx.images.records[n].rel} · {opts.title}",
+                crumbs=crumbs + [("activations/index.html", "activation maps")]))
+        return pages
+
+    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+        from ..colormap import colorbar
+
+        r = results["activations"]
+        a, m = r.arrays, r.meta
+        save_png(colorbar(), out / "img/colorbar.png")
+        for s, n in enumerate(a["images"].tolist()):
+            for li in range(len(m["layers"])):
+                mx = a[f"L{li}.max"][s]
+                picture, _ = map_grid(a[f"L{li}.maps"][s], float(mx.max()), mx <= 0)
+                save_png(picture, out / picture_path(n, li))

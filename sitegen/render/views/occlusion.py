@@ -1,0 +1,91 @@
+"""Occlusion sensitivity pages: a gallery (``occlusion/index.html``) of the sample images, each
+opening its image page, which shows the three maps overlaid on the image with colour bars.
+
+Maps: (a) probability of the target class on a fixed 0-1 viridis scale; (b) the most probable class
+per position in category colours with a legend; (c) the strongest channel's total activation on a
+viridis scale from that map's minimum to its maximum (the numbers are printed under the bar).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..colormap import categories, colorbar, hex_to_rgb, overlay, scale, upscale, viridis
+from . import View
+from .image_pages import display_factor, image_url, safe_pixels, save_png, usable
+
+COLORBAR = "img/colorbar.png"
+
+
+def map_urls(n: int) -> dict[str, str]:
+    return {key: f"img/occlusion/{n}-{key}.png" for key in ("prob", "best", "total")}
+
+
+def class_legend(best: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """The classes that win somewhere in map (b), most positions first, with their colours."""
+    colours = categories(max(len(names), 1))
+    classes, counts = np.unique(best, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return [{"name": names[int(classes[i])] if int(classes[i]) < len(names) else f"class {int(classes[i])}",
+             "colour": colours[int(classes[i]) % len(colours)], "share": float(counts[i] / best.size)}
+            for i in order]
+
+
+def heatmaps(r, s: int) -> dict[str, np.ndarray]:
+    """The three coarse (rows, cols, 3) maps of sample row ``s`` in display colours."""
+    a = r.arrays
+    colours = np.array([hex_to_rgb(c) for c in categories(max(len(r.meta["class_names"]), 1))], dtype=np.uint8)
+    total = a["total"][s]
+    return {"prob": viridis(a["prob"][s]),
+            "best": colours[a["best"][s] % len(colours)],
+            "total": viridis(scale(total, float(total.min()), float(total.max())))}
+
+
+class OcclusionView(View):
+    name = "occlusion"
+
+    def available(self, results: dict) -> bool:
+        return usable(results, "occlusion")
+
+    def nav(self) -> list[tuple[str, str]]:
+        return [("occlusion/index.html", "Occlusion sensitivity")]
+
+    def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
+        from ..site import Page, layer_url
+
+        r = results["occlusion"]
+        a, m = r.arrays, r.meta
+        names = m["class_names"]
+        factor = display_factor(ctx.input_size)
+        h, w = ctx.input_size
+        items = []
+        for s, n in enumerate(a["images"].tolist()):
+            target = int(a["target"][s])
+            top1 = int(a["top_classes"][s][0])
+            items.append({
+                "url": f"../{image_url(n)}", "src": f"../{map_urls(n)['prob']}", "name": ctx.images.records[n].rel,
+                "label": ctx.images.label_name(n), "target": names[target], "base_prob": float(a["base_prob"][s]),
+                "top1": names[top1], "top1_prob": float(a["top_probs"][s][0]), "min_prob": float(a["prob"][s].min()),
+            })
+        shown = {l["name"] for l in atlas["layers"]}
+        context = {
+            "gallery": items, "size": m["size"], "stride": m["stride"], "rows": m["rows"], "cols": m["cols"],
+            "layer": m["layer"], "layer_url": f"../{layer_url(m['layer'])}" if m["layer"] in shown else None,
+            "labelled": m["labelled"], "width": w * factor, "height": h * factor, "bar": f"../{COLORBAR}",
+            "failed": [ctx.images.records[int(i)].rel for i in a["failed"]],
+        }
+        return [Page("occlusion/index.html", "occlusion.html", context, title=f"Occlusion sensitivity · {opts.title}",
+                     crumbs=[("index.html", "atlas")])]
+
+    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+        r = results["occlusion"]
+        factor = display_factor(ctx.input_size)
+        stride = int(r.meta["stride"])
+        save_png(colorbar(), out / COLORBAR)
+        for s, n in enumerate(r.arrays["images"].tolist()):
+            pixels = safe_pixels(ctx, n)
+            urls = map_urls(n)
+            for key, heat in heatmaps(r, s).items():
+                save_png(upscale(overlay(pixels, heat, stride), factor), out / urls[key])
