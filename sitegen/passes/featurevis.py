@@ -46,8 +46,9 @@ from .. import progress
 from ..attribution import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE, _lookup, _relu_call
 from ..config import FeatureVisConfig
 from ..context import BuildContext
-from ..errors import SitegenError
+from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
+from ..model_loading import logits
 from .base import AnalysisPass, Result
 
 REDIRECT_FRACTION = 0.25
@@ -256,9 +257,7 @@ def channel_objective(model: nn.Module, layer: str, channels: torch.Tensor) -> I
 def class_objective(model: nn.Module, classes: torch.Tensor) -> Iterator[Objective]:
     """Image ``i``'s objective: the logit of class ``classes[i]`` (the model's output)."""
     def objective(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise FeatureVisError("the model's output is not a (batch, classes) tensor of logits")
+        out = logits(model(x))  # a tensor, or Inception's tuple, or a dict with "logits"
         return out[torch.arange(len(classes), device=out.device), classes.to(out.device)]
 
     yield objective
@@ -387,9 +386,10 @@ def logit_count(model: nn.Module, a: Ascent, device: torch.device) -> tuple[int,
             out = model(torch.zeros((1, 3, *a.size), device=device))
     except Exception as e:  # e.g. a fixed-size classifier head and a different image_size
         return 0, f"the model cannot run on a {a.size[1]}×{a.size[0]} image ({type(e).__name__})"
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        return 0, "the model's output is not a (batch, classes) tensor of logits"
-    return int(out.shape[1]), ""
+    try:
+        return int(logits(out).shape[1]), ""
+    except ModelLoadError as e:
+        return 0, e.message
 
 
 def _store(arrays: dict[str, np.ndarray], prefix: str, parts: list[AscentResult], a: Ascent) -> None:

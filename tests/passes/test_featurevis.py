@@ -211,3 +211,23 @@ def test_config_errors_name_the_key():
         from_dict({"featurevis": {"steps": 0}})
     with pytest.raises(ConfigError, match=r"featurevis\.jitter"):
         from_dict({"featurevis": {"jitter": -2}})
+
+
+class TupleOut(EdgeNet):
+    """Inception-style output: (logits, aux)."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return z, z * 0
+
+
+def test_class_images_from_a_tuple_output():
+    model = TupleOut()
+    a = ascent(steps=6)
+    assert fv.logit_count(model, a, torch.device("cpu")) == (2, "")
+    r = visualise_classes(model, [0, 1], a)
+    with torch.no_grad():
+        x = (torch.from_numpy(r.images).float().div(255).permute(0, 3, 1, 2) - 0.5) / 0.25
+        z = model(x)[0]
+    np.testing.assert_allclose(r.objective, [z[0, 0], z[1, 1]], rtol=1e-4, atol=1e-5)
+    assert np.all(r.objective > r.start)
