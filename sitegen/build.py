@@ -113,7 +113,8 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)
     try:
-        render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size))
+        render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size,
+                                                   image_format=cfg.site.image_format))
         publish(staged, out)
     except BaseException:
         discard(staged)

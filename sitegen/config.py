@@ -162,12 +162,16 @@ class SiteConfig:
     """Title of the atlas; empty uses the checkpoint's file name."""
     patch_size: int = 96
     """Side in pixels of each receptive-field patch image in the site."""
+    image_format: str = "webp"
+    """Channel sprites as ``webp`` (lossy, quality 90) or ``png`` (lossless); see docs/size.md for the
+    measurements behind the default."""
     dull_ratio: float = 0.05
     """A channel is dull when the std of its spatial means over the images is below this fraction of
     its layer's median std (and it is not dead): it barely varies, whatever the image."""
 
     def validate(self, key: str) -> None:
         _check(8 <= self.patch_size <= 512, f"{key}.patch_size", "must be between 8 and 512")
+        _check(self.image_format in ("webp", "png"), f"{key}.image_format", 'must be "webp" or "png"')
         _check(0 <= self.dull_ratio < 1, f"{key}.dull_ratio", "must be ≥ 0 and < 1 (0 marks no channel dull)")
 
 

@@ -85,7 +85,7 @@ def test_build_site_links_escaping_and_cache(tmp_path, tiny_checkpoint, hostile_
     y, x = entry["fmap_yx"]
     assert entry["box_xyxy"] == [rf["offset"] + x * rf["stride"], rf["offset"] + y * rf["stride"],
                                  rf["offset"] + x * rf["stride"] + rf["size"], rf["offset"] + y * rf["stride"] + rf["size"]]
-    assert (out / "layers" / "conv2" / "4.html").is_file() and (out / "img" / "conv2" / "4.png").is_file()
+    assert (out / "layers" / "conv2" / "4.html").is_file() and (out / "img" / "conv2" / "4.webp").is_file()
 
     # A second identical build recomputes nothing.
     def fail(*_a, **_k):
