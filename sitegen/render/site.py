@@ -70,6 +70,27 @@ def channel_url(layer: str, channel: int) -> str:
     return f"layers/{slug(layer)}/{channel}.html"
 
 
+TILES_PER_PAGE = 512
+"""Channels per layer page: a layer page's HTML stays far below 500 KB (a 2048-channel layer of
+ResNet-50 has four pages) and the browser lays out a bounded number of tiles."""
+
+
+def tile_page_url(layer: str, channel: int) -> str:
+    """The layer page whose tiles include ``channel``: ``index.html``, then ``page-2.html``, ..."""
+    number = channel // TILES_PER_PAGE + 1
+    return layer_url(layer) if number == 1 else f"layers/{slug(layer)}/page-{number}.html"
+
+
+def tile_pages(layer: str, channels: int) -> list[dict[str, Any]]:
+    """Every page of a layer's tiles: path, file name (for links between them), channel range."""
+    out = []
+    for first in range(0, max(channels, 1), TILES_PER_PAGE):
+        path = tile_page_url(layer, first)
+        out.append({"number": first // TILES_PER_PAGE + 1, "path": path, "url": path.rsplit("/", 1)[-1],
+                    "first": first, "last": min(first + TILES_PER_PAGE, channels) - 1})
+    return out
+
+
 def sprite_url(layer: str, channel: int, fmt: str) -> str:
     return f"img/{slug(layer)}/{channel}.{fmt}"
 
@@ -215,10 +236,16 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                   "dull": ch["channel"] in dull,
                   "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
         crumbs = [("index.html", "atlas")]
-        pages.append(Page(layer_url(name), "layer.html", {
-            "layer": layer, "tiles": tiles, "k": k, "patch": opts.patch_size, "tile_scale": 1 / 3,
-            "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
-        }, title=f"{name} · {opts.title}", crumbs=crumbs))
+        paging = tile_pages(name, n)
+        for part in paging:
+            shown_range = "" if part["number"] == 1 else f" channels {part['first']}–{part['last']}"
+            pages.append(Page(part["path"], "layer.html", {
+                "layer": layer, "tiles": tiles[part["first"]:part["last"] + 1], "k": k, "patch": opts.patch_size,
+                "tile_scale": 1 / 3, "paging": [{**q, "current": q is part,
+                                                 "rel": {-1: "prev", 1: "next"}.get(q["number"] - part["number"])}
+                                                for q in paging],
+                "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
+            }, title=f"{name}{shown_range} · {opts.title}", crumbs=crumbs))
         for ch in layer["channels"]:
             c = ch["channel"]
             cells = [{**e, "col": j, "name": e["image"].rsplit("/", 1)[-1]} for j, e in enumerate(ch["top"])]
@@ -234,7 +261,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                 "partials": [v.channel_partial for v in views if v.channel_partial],
                 "extras": {v.name: v.channel_context(ctx, atlas, results, li, c) for v in views if v.channel_partial},
             }, title=f"{name}:{c} · {opts.title}",
-                crumbs=[("index.html", "atlas"), (layer_url(name), name)]))
+                crumbs=[("index.html", "atlas"), (f"{tile_page_url(name, c)}#c{c}", name)]))
     return pages
 
 
@@ -298,14 +325,17 @@ def search_index(atlas: dict[str, Any], pages: list[Page], site_title: str) -> d
     """What the header's search box searches, offline (templates/assets/search.js).
 
     Channels get no entry each (ResNet-50 has ~26,000): a ``layer3.8:41`` query is parsed against
-    the layer list, which holds each layer's folder and channel count.  Pages other than layer and
-    channel pages (the views' pages, e.g. t-SNE or occlusion) are listed by title.
+    the layer list, which holds each layer's folder and channel count.  The views' own front pages
+    (top-level pages and folder indexes: t-SNE, occlusion, stages, ...) are listed by title; their
+    per-image and per-channel pages are not, as they would be thousands on a large model and this
+    file loads with every page.
     """
     layers = [{"name": l["name"], "caffe": l["caffe"], "kind": l["kind"], "channels": l["shape"][0],
                "dir": f"layers/{slug(l['name'])}/"} for l in atlas["layers"]]
     suffix = f" · {site_title}"
     listed = [{"title": p.title[:-len(suffix)] if p.title.endswith(suffix) else p.title, "url": p.path}
-              for p in pages if p.template not in ("layer.html", "channel.html") and p.path != "index.html"]
+              for p in pages if p.template not in ("layer.html", "channel.html") and p.path != "index.html"
+              and ("/" not in p.path or p.path.endswith("/index.html"))]
     classes = [{"name": c, "url": "index.html"} for c in atlas["data"]["classes"]]
     return {"layers": layers, "classes": classes, "pages": listed}
 
