@@ -1,6 +1,6 @@
 // Offline search in the header: layers, channels ("layer3.8:41"), class names and view pages.
-// The index is data/search-index.js (a script setting window.SITEGEN_SEARCH), not JSON fetched at
-// run time: browsers refuse fetch() of local files, and the atlas must work from file://.
+// The index is data/search-index.js (a script setting window.SITEGEN_SEARCH), not JSON requested at
+// run time: browsers refuse to read local files that way, and the atlas must work from file://.
 // Results are built with textContent only: names come from the user's model and image folders.
 (function () {
   "use strict";
