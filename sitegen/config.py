@@ -197,15 +197,15 @@ class OcclusionConfig:
     size: int = 0
     """Side in pixels of the grey square; 0 uses a quarter of the input's shorter side."""
     stride: int = 0
-    """Step in pixels between occluder positions; 0 uses 1/16 of the shorter side (16×16 positions)."""
+    """Step in pixels between occluder positions; 0 uses 1/12 of the shorter side (about 12×12 positions)."""
     layer: str = ""
     """Layer whose strongest channel map (c) follows; empty uses the last discovered layer."""
     batch_size: int = 0
-    """Occluded copies per forward pass; 0 uses 256."""
+    """Occluded copies per forward pass; 0 uses 256 (64 for inputs over 64×64 px on the CPU)."""
 
     def validate(self, key: str) -> None:
         _check(self.size >= 0, f"{key}.size", "must be ≥ 0 (0 picks a quarter of the input side)")
-        _check(self.stride >= 0, f"{key}.stride", "must be ≥ 0 (0 picks 1/16 of the input side)")
+        _check(self.stride >= 0, f"{key}.stride", "must be ≥ 0 (0 picks 1/12 of the input side)")
         _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 uses 256)")
 
 

@@ -88,8 +88,11 @@ def embed(x: np.ndarray, cfg: TsneConfig) -> tuple[np.ndarray, float]:
         except ImportError:
             raise ConfigError("config key 'tsne.method' is \"opentsne\" but openTSNE is not installed",
                               "pip install openTSNE, or use method = \"sklearn\"") from None
+        # openTSNE counts the 250 early-exaggeration steps apart; scikit-learn's max_iter includes them.
+        # One job: the same result on every machine (and the bench compares like with like).
         emb = OpenTSNE(n_components=2, perplexity=perplexity, random_state=cfg.seed, initialization="pca",
-                       n_iter=cfg.iterations, n_jobs=1, verbose=False).fit(x.astype(np.float64))
+                       early_exaggeration_iter=250, n_iter=cfg.iterations - 250, n_jobs=1,
+                       verbose=False).fit(x.astype(np.float64))
         return np.asarray(emb, dtype=np.float64), perplexity
     from sklearn.manifold import TSNE
 

@@ -78,7 +78,9 @@ def test_geometry_centres_the_square_on_each_cell():
     assert g.boxes[9].tolist() == [1, 5, 1, 5]  # cell (1, 1): centre 3
     assert g.boxes[63].tolist() == [13, 16, 13, 16]
     d = geometry((224, 224))
-    assert (d.size, d.stride, d.rows) == (56, 14, 16)
+    assert (d.size, d.stride, d.rows, d.cols) == (56, 19, 12, 12)
+    c = geometry((32, 32))  # CIFAR: an 8 px square every 3 px, 11×11 positions
+    assert (c.size, c.stride, c.rows) == (8, 3, 11) and c.boxes[-1].tolist() == [27, 32, 27, 32]
     with pytest.raises(ConfigError, match="occlusion.size"):
         geometry((16, 16), size=17)
 
