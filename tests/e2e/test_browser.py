@@ -161,6 +161,9 @@ _LOAD_ALL_IMAGES = """async () => {
 def check_images(page) -> int:
     """Scroll every <img> into view (lazy tiles load only then); each must decode and have alt text."""
     report = page.evaluate(_LOAD_ALL_IMAGES)
+    # Let requests still in flight finish: leaving the page now would abort them (ERR_ABORTED),
+    # which says nothing about the atlas.
+    page.wait_for_load_state("networkidle")
     assert not report["bad"], f"images that did not decode on {page.url}: {report['bad'][:5]}"
     assert not report["noAlt"], f"images without alt text on {page.url}: {report['noAlt'][:5]}"
     return report["count"]
@@ -233,7 +236,7 @@ def test_walk_index_layer_channel_and_views(browser, base):
             skipped.append(f"no link matching /{pattern}/ on the {where} page (view not in this build)")
             continue
         page.goto(href)
-        assert check_images(page) >= 1
+        check_images(page)  # (the t-SNE scatter is inline SVG: a page may have no <img>)
         screenshot(page, f"{tag}-{step}")
         watch.check()
     watch.check()
