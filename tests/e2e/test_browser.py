@@ -276,6 +276,7 @@ def test_arrow_keys_walk_channels(browser, base):
 def test_search_channel_layer_and_class(browser, base):
     page, watch = new_page(browser, base)
     page.goto(base + "layers/layer3.2/index.html")  # search from a page two folders deep
+    page.wait_for_load_state("networkidle")  # leaving while visible tiles load would abort them
     page.keyboard.press("/")  # focuses the box
     page.keyboard.type("layer1.0:3")
     page.keyboard.press("Enter")
