@@ -133,3 +133,14 @@ def test_model_without_linear_is_skipped_and_opentsne_missing_is_explained(tmp_p
     monkeypatch.setattr(builtins, "__import__", no_opentsne)
     with pytest.raises(ConfigError, match="openTSNE"):
         TsnePass(TsneConfig(method="opentsne")).run(make_ctx(CodeNet(), tmp_path / "imgs"))
+
+
+def test_opentsne_method_is_seeded_and_agrees_in_shape():
+    pytest.importorskip("openTSNE")  # optional: pip install openTSNE
+    from sitegen.passes.tsne import embed
+
+    x = np.random.default_rng(0).normal(size=(60, 8))
+    a, perplexity = embed(x, TsneConfig(method="opentsne", iterations=300, seed=1))
+    b, _ = embed(x, TsneConfig(method="opentsne", iterations=300, seed=1))
+    assert a.shape == (60, 2) and np.array_equal(a, b)
+    assert perplexity == pytest.approx(59 / 3)  # below the point count: (n - 1) / 3
