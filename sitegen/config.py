@@ -136,27 +136,6 @@ class FeatureVisConfig:
 
 
 @dataclass(frozen=True)
-class AttributionConfig:
-    enabled: bool = True
-    """Attribute every top-k unit of every selected layer to the input pixels (issue 3)."""
-    methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
-    """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
-    batch_size: int = 0
-    """(image, unit) pairs per forward+backward; 0 picks 64 on the CPU, 256 on a GPU."""
-    max_side: int = 64
-    """Stored attribution crops are at most this many pixels wide (larger windows are shrunk)."""
-
-    def validate(self, key: str) -> None:
-        known = ("guided", "deconvnet", "gradient")
-        _check(len(self.methods) > 0, f"{key}.methods", "needs at least one method (or set enabled = false)")
-        for i, m in enumerate(self.methods):
-            _check(m in known, f"{key}.methods[{i}]", f"must be one of {', '.join(known)}, not {m!r}")
-        _check(len(set(self.methods)) == len(self.methods), f"{key}.methods", "lists a method twice")
-        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
-        _check(8 <= self.max_side <= 512, f"{key}.max_side", "must be between 8 and 512")
-
-
-@dataclass(frozen=True)
 class SiteConfig:
     title: str = ""
     """Title of the atlas; empty uses the checkpoint's file name."""
@@ -263,7 +242,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
