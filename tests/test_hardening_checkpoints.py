@@ -288,8 +288,6 @@ def test_model_returning_tuple_or_dict_builds(tmp_path, capfd, factory):
     assert (tmp_path / "site" / "layers" / "conv2" / "4.html").is_file()
 
 
-@pytest.mark.xfail(strict=False, reason="passes/occlusion.py, tsne.py and featurevis.py call the model and use its "
-                   "output as a tensor; they should go through sitegen.model_loading.logits()")
 @pytest.mark.parametrize("factory", ["as_tuple", "as_dict"])
 def test_model_returning_tuple_or_dict_builds_with_every_pass(tmp_path, capfd, factory):
     """The passes that read the model's output (occlusion, t-SNE predictions, class visualisations)."""
