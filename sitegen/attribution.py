@@ -25,6 +25,10 @@ Public API
     Other activations (GELU, SiLU, sigmoid, ...) have no rule; the plain gradient flows through
     them and one :class:`AttributionWarning` per call names them.
 
+``attribute_methods(model, inputs, layer, units, methods=METHODS) -> dict[str, torch.Tensor]``
+    The same for several methods, ``{method: tensor}``, from one shared forward: the ReLUs record
+    their masks once and the rule is picked as each method's backward walks the kept graph.
+
 ``attribute_batched(model, inputs, layer, units, method="guided", batch_size=64)``
     The same result, computed ``batch_size`` samples at a time (for long lists).
 
@@ -109,16 +113,26 @@ def _activation_names() -> dict[Any, str]:
 _OTHER_ACTIVATIONS = _activation_names()
 
 
+class _RuleState:
+    """Which rule the ReLUs of a recorded forward apply, read when the backward runs.
+
+    One forward can then serve every method: the graph is kept (``retain_graph``) and walked once per
+    method with ``method`` set before each walk."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+
 class _RectifiedReLU(torch.autograd.Function):
-    """ReLU forward; guided or deconvnet rule backward.  In place when asked, like torch.relu_."""
+    """ReLU forward; the backward follows ``state.method`` at the time the backward runs.
+    In place when asked, like torch.relu_."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, guided: bool, inplace: bool) -> torch.Tensor:
-        ctx.guided = guided
-        if guided:
-            # A boolean mask rather than the output: the model may later modify the output in
-            # place, which would invalidate a saved tensor.
-            ctx.save_for_backward(x > 0)
+    def forward(ctx: Any, x: torch.Tensor, state: _RuleState, inplace: bool) -> torch.Tensor:
+        ctx.state = state
+        # A boolean mask rather than the output: the model may later modify the output in place,
+        # which would invalidate a saved tensor.  Guided and plain-gradient backwards both need it.
+        ctx.save_for_backward(x > 0)
         if inplace:
             ctx.mark_dirty(x)
             return torch.relu_(x)
@@ -126,11 +140,13 @@ class _RectifiedReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        grad = grad.clamp(min=0)
-        if ctx.guided:
-            (positive_input,) = ctx.saved_tensors
-            grad = grad * positive_input
-        return grad, None, None
+        method = ctx.state.method
+        if method == "deconvnet":
+            return grad.clamp(min=0), None, None
+        (positive_input,) = ctx.saved_tensors
+        if method == "guided":
+            return grad.clamp(min=0) * positive_input, None, None
+        return grad * positive_input, None, None  # "gradient": what autograd's own ReLU backward does
 
 
 def _relu_call(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
@@ -158,16 +174,16 @@ class _RuleMode(TorchFunctionMode):
     while a handler runs are not seen again, so F.relu6 is reported once, not also as hardtanh.
     """
 
-    def __init__(self, guided: bool):
+    def __init__(self, state: _RuleState):
         super().__init__()
-        self.guided = guided
+        self.state = state
         self.unhandled: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
             x, inplace = _relu_call(func, args, kwargs)
-            return _RectifiedReLU.apply(x, self.guided, inplace)
+            return _RectifiedReLU.apply(x, self.state, inplace)
         if _lookup(_OTHER_ACTIVATIONS, func):
             self.unhandled.add(_OTHER_ACTIVATIONS[func])
         return func(*args, **kwargs)
@@ -182,7 +198,7 @@ def _rule(method: str) -> Iterator[set[str]]:
     if method == "gradient":
         yield set()
         return
-    mode = _RuleMode(guided=method == "guided")
+    mode = _RuleMode(_RuleState(method))
     with mode:
         yield mode.unhandled
 
@@ -244,15 +260,19 @@ def _check_units(units: list[Unit], out: torch.Tensor, layer: str) -> None:
 
 
 def _attribute(
-    model: nn.Module, inputs: torch.Tensor, layer: str, units: list[Unit], method: str
-) -> tuple[torch.Tensor, set[str]]:
-    """One forward up to ``layer`` and one backward from the units; also the rule-less activations."""
+    model: nn.Module, inputs: torch.Tensor, layer: str, units: list[Unit], methods: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """One forward up to ``layer``, then one backward from the units per method (the graph is kept
+    between them); also the rule-less activations seen."""
     get_module(model, layer)  # an unknown layer fails here, with the `sitegen layers` hint
     if not units:
-        return torch.zeros_like(inputs), set()
+        return {m: torch.zeros_like(inputs) for m in methods}, set()
+    # Only the plain gradient: no mode at all, so autograd's own backward runs untouched.
+    state = None if all(m == "gradient" for m in methods) else _RuleState(methods[0])
     with model_guard(model):
         x = inputs.detach().clone().requires_grad_(True)
-        with capture_outputs(model, [layer], stop_after_last=True) as store, _rule(method) as unhandled:
+        mode = _RuleMode(state) if state else contextlib.nullcontext()
+        with capture_outputs(model, [layer], stop_after_last=True) as store, mode:
             # A non-leaf copy, so a model that edits its input in place (x.sub_(mean)) still works.
             run_until(model, x.clone())
         if layer not in store:
@@ -264,18 +284,35 @@ def _attribute(
         onehot = torch.zeros_like(out)
         c, y, x_ = (torch.tensor(v, device=out.device) for v in zip(*units))
         onehot[torch.arange(len(units), device=out.device), c, y, x_] = 1.0
-        (grad,) = torch.autograd.grad(out, x, onehot)
-    return grad, unhandled
+        grads = {}
+        for i, m in enumerate(methods):
+            if state is not None:
+                state.method = m
+            (grads[m],) = torch.autograd.grad(out, x, onehot, retain_graph=i < len(methods) - 1)
+    return grads, (mode.unhandled if state else set())
 
 
-def _warn_unhandled(names: set[str], method: str) -> None:
-    if names:
+def _warn_unhandled(names: set[str], methods: Sequence[str], stacklevel: int = 3) -> None:
+    ruled = [m for m in methods if m != "gradient"]
+    if names and ruled:
+        which = " and ".join(ruled)
         warnings.warn(
-            f"{method} attribution: the model uses {', '.join(sorted(names))}, which the {method} rule "
-            f"does not define; the plain gradient was used through {'them' if len(names) > 1 else 'it'}",
+            f"{which} attribution: the model uses {', '.join(sorted(names))}, which the {which} "
+            f"rule{'s do' if len(ruled) > 1 else ' does'} not define; the plain gradient was used through "
+            f"{'them' if len(names) > 1 else 'it'}",
             AttributionWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if not methods or len(set(methods)) != len(methods):
+        raise AttributionError(f"methods must be distinct and at least one, not {methods!r}",
+                               f"choose among {', '.join(METHODS)}")
+    for m in methods:
+        _check_method(m)
+    return methods
 
 
 def attribute(
@@ -286,12 +323,31 @@ def attribute(
     method: str = "guided",
 ) -> torch.Tensor:
     """Attribution of ``units[i]`` of ``layer`` to ``inputs[i]``, for every ``i`` (see module doc)."""
-    _check_method(method)
+    return _attribute_checked(model, inputs, layer, units, [method])[method]
+
+
+def attribute_methods(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layer: str,
+    units: Sequence[Unit],
+    methods: Sequence[str] = METHODS,
+) -> dict[str, torch.Tensor]:
+    """:func:`attribute` for several methods at once, ``{method: tensor}``: one forward serves them
+    all (the rule is chosen when each backward runs), which saves a forward per extra method."""
+    return _attribute_checked(model, inputs, layer, units, methods)
+
+
+def _attribute_checked(model: nn.Module, inputs: torch.Tensor, layer: str, units: Sequence[Unit],
+                       methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The public functions' body; the warning points at their caller (two frames up)."""
+    methods = _check_methods(methods)
     checked = _check_inputs(inputs, units)
-    _check_scripted(model, method)
-    grad, unhandled = _attribute(model, inputs, layer, checked, method)
-    _warn_unhandled(unhandled, method)
-    return grad
+    for m in methods:
+        _check_scripted(model, m)
+    grads, unhandled = _attribute(model, inputs, layer, checked, methods)
+    _warn_unhandled(unhandled, methods, stacklevel=4)
+    return grads
 
 
 def attribute_batched(
@@ -311,10 +367,10 @@ def attribute_batched(
     parts, unhandled = [], set()
     for start in range(0, len(checked), batch_size):
         end = start + batch_size
-        grad, seen = _attribute(model, inputs[start:end], layer, checked[start:end], method)
-        parts.append(grad)
+        grads, seen = _attribute(model, inputs[start:end], layer, checked[start:end], [method])
+        parts.append(grads[method])
         unhandled |= seen
-    _warn_unhandled(unhandled, method)
+    _warn_unhandled(unhandled, [method])
     return torch.cat(parts) if parts else torch.zeros_like(inputs)
 
 

@@ -19,6 +19,7 @@ from sitegen.attribution import (
     AttributionWarning,
     attribute,
     attribute_batched,
+    attribute_methods,
     normalise_for_display,
 )
 from sitegen.errors import LayerError, SitegenError
@@ -205,6 +206,27 @@ def test_every_relu_form_follows_the_rule(form: str, method: str):
     if method != "gradient":
         plain = _reference(_TwoReluNet(lambda: nn.ReLU()).eval(), SMALL_INPUTS, "conv3", SMALL_UNITS)
         assert (got - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+@pytest.mark.parametrize("form", list(_relu_forms()))
+def test_one_forward_for_every_method_equals_separate_calls(form: str):
+    """attribute_methods walks one recorded forward once per method; each result must equal its own
+    hand-built reference, whatever the order (a rule leaking from one walk to the next would not)."""
+    model = _TwoReluNet(_relu_forms()[form]).eval()
+    for order in (METHODS, tuple(reversed(METHODS)), ("gradient", "guided")):
+        got = attribute_methods(model, SMALL_INPUTS, "conv3", SMALL_UNITS, order)
+        assert list(got) == list(order)
+        for method in order:
+            reference_model = _TwoReluNet(lambda: lambda t: _RefRule.apply(t, method)).eval()
+            expected = _reference(reference_model, SMALL_INPUTS, "conv3", SMALL_UNITS)
+            torch.testing.assert_close(got[method], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("methods", [(), ("guided", "guided"), ("guided", "lrp")])
+def test_attribute_methods_refuses_a_bad_list(methods):
+    model = _TwoReluNet(lambda: nn.ReLU()).eval()
+    with pytest.raises(AttributionError):
+        attribute_methods(model, SMALL_INPUTS, "conv3", SMALL_UNITS, methods)
 
 
 def test_inplace_relu_on_a_view():
@@ -509,6 +531,17 @@ def test_resnet20_batched_equals_one_at_a_time(resnet20, cifar_images, layer, me
     batched = attribute_batched(resnet20, cifar_images, layer, units, method, batch_size=4)
     torch.testing.assert_close(whole, singles, rtol=0, atol=1e-5)
     torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
+
+
+def test_resnet20_shared_forward_equals_separate_calls(resnet20, cifar_images):
+    """On the shared ResNet-20 (F.relu): one forward for the three methods gives each method's result."""
+    where = [(1, 2), (5, 5), (0, 7), (3, 3), (7, 0), (6, 6)]
+    units = _active_units(resnet20, cifar_images, "layer2.1", where)
+    shared = attribute_methods(resnet20, cifar_images, "layer2.1", units)
+    for method in METHODS:
+        alone = attribute(resnet20, cifar_images, "layer2.1", units, method)
+        torch.testing.assert_close(shared[method], alone, rtol=0, atol=1e-6)
+    assert (shared["guided"] - shared["gradient"]).abs().max() > 0.1 * shared["gradient"].abs().max()
 
 
 # Layer -> number of 3x3 stride-1 pad-1 convs on the longest path from the input: each adds 1 px

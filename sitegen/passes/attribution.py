@@ -8,10 +8,10 @@ Speed
 -----
 All (image, unit) pairs of one layer are sorted by image and cut into batches of ``batch_size``
 pairs; each batch is one forward, stopped right after the layer, and one backward per method
-(``attribute`` does both).  Each image is decoded once per layer at most (a byte-bounded pixel
+from that same forward (``attribute_methods``: the rule is chosen as each backward runs).  Each image is decoded once per layer at most (a byte-bounded pixel
 cache keeps it across the layer's batches and, when it fits, across layers).  The forward cannot
-be shared between pairs, layers or methods: every unit needs its own backward, and autograd can
-only run a per-sample backward through a per-sample forward.
+be shared between pairs or layers: every unit needs its own backward, and autograd can only run a
+per-sample backward through a per-sample forward.
 
 Storage
 -------
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .. import progress
-from ..attribution import attribute, normalise_for_display
+from ..attribution import attribute_methods, normalise_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
 from ..errors import SitegenError
@@ -158,16 +158,15 @@ class AttributionPass(AnalysisPass):
 
     def _batch(self, ctx: BuildContext, plan: LayerPlan, s: slice, methods: list[str],
                pixels: PixelCache, out: dict[str, np.ndarray]) -> None:
-        """One forward (stopped at the layer) and one backward per method for the pairs ``s``."""
+        """One forward (stopped at the layer) and, from it, one backward per method for the pairs ``s``."""
         images = plan.image[s]
         stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images])).to(ctx.device)
         inputs = normalise(stacked, ctx.config.data)
         units = list(zip(plan.c[s].tolist(), plan.y[s].tolist(), plan.x[s].tolist()))
         cs, js = plan.c[s], plan.j[s]
+        grads = attribute_methods(ctx.net, inputs, plan.name, units, methods)
         for m in methods:
-            grads = attribute(ctx.net, inputs, plan.name, units, m)
-            crops = crop_windows(grads, plan.x0[s], plan.y0[s], plan.window)
-            del grads
+            crops = crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window)
             for p in range(len(units)):
                 out[m][cs[p], js[p]] = display_crop(crops[p], plan.side)
 
