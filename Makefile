@@ -25,7 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The bench also compares scikit-learn's t-SNE with openTSNE (the optional tsne extra).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[tsne]'
 	$(PY) bench/bench.py
 
 docs: $(STAMP)

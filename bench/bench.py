@@ -3,10 +3,18 @@ write figures to bench/results.json.
 
 Timings are reported as ratios to a bare forward pass over the same images with the same batch size
 and input pipeline, measured in the same process right before (these machines are noisy: only
-side-by-side ratios mean much).  Peak memory is measured in separate child processes, one per
-image count, so each figure is that build's own peak.
+side-by-side ratios mean much).  Every build runs in its own child process, so each peak RSS is
+that build's own:
 
-    python bench/bench.py [--images 10000] [--small 1000] [--out bench/results.json]
+- ``dataset_pass``: the dataset (top-k) pass and the render, with 1,000 and with 10,000 images,
+  for the dataset pass's ratio to the bare forward and the peak-memory comparison;
+- ``atlas``: the whole atlas at the default settings over 10,000 images, every pass timed (its
+  ratio to the same run's bare forward), the site's size and file count;
+- ``scale``: checkpointing overhead, 1 process against 2 gloo ranks;
+- ``attribution``, ``occlusion``, ``tsne``: the per-view benches (their own scripts, their own
+  baselines: the naive attribution, plain forwards of as many images, scikit-learn against openTSNE).
+
+    python bench/bench.py [--images 10000] [--small 1000] [--out bench/results.json] [--skip ...]
 """
 from __future__ import annotations
 
@@ -61,8 +69,9 @@ def site_stats(site: Path) -> dict:
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "bytes_by_type": by_ext}
 
 
-def child(n: int, work: Path) -> dict:
-    """One full build in this process: the figures, and this process's peak RSS."""
+def child(n: int, work: Path, topk_only: bool) -> dict:
+    """One build in this process (every default pass, or the dataset pass alone): the figures, and
+    this process's peak RSS."""
     sys.path.insert(0, str(REPO))
     from sitegen import progress
     from sitegen.build import BuildReport, prepare, run_passes
@@ -72,7 +81,10 @@ def child(n: int, work: Path) -> dict:
     from sitegen.render.site import RenderOptions, render
 
     progress.set_quiet(True)
-    cfg = from_dict({"model": {"arch": ARCH}})
+    table = {"model": {"arch": ARCH}}
+    if topk_only:
+        table.update({section: {"enabled": False} for section in OTHER_PASSES})
+    cfg = from_dict(table)
     images = image_folder(n, work)
     t0 = time.perf_counter()
     ctx = prepare(MODEL, images, cfg, work / "layer-cache")
@@ -83,9 +95,10 @@ def child(n: int, work: Path) -> dict:
     results = run_passes(ctx, Cache(None), report)  # no cache: every pass computes
     passes_s = time.perf_counter() - t
     t = time.perf_counter()
-    out = work / f"site{n}"
+    out = work / f"site{n}{'-topk' if topk_only else ''}"
     staged = staging_dir(out)
-    render(ctx, results, staged, RenderOptions(title="bench", patch_size=cfg.site.patch_size))
+    render(ctx, results, staged, RenderOptions(title="bench", patch_size=cfg.site.patch_size,
+                                               image_format=cfg.site.image_format))
     publish(staged, out)
     render_s = time.perf_counter() - t
     total_s = time.perf_counter() - t0
@@ -143,14 +156,32 @@ def workers_comparison(n: int, work: Path) -> dict:
     return out
 
 
-TOPK_ONLY = "".join(f"[{section}]\nenabled = false\n" for section in
-                    ("attribution", "featurevis", "occlusion", "tsne", "kernels", "activations"))
+OTHER_PASSES = ("attribution", "featurevis", "occlusion", "tsne", "kernels", "activations")
+TOPK_ONLY = "".join(f"[{section}]\nenabled = false\n" for section in OTHER_PASSES)
 
 
-def run_child(n: int, work: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--work", str(work)],
-                         check=True, capture_output=True, text=True)
+def run_child(n: int, work: Path, topk_only: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work)] + (["--topk-only"] if topk_only else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_script(name: str, args: list[str], work: Path) -> dict:
+    """One of the per-view benches in its own process; its JSON figures."""
+    out = work / f"{name}.json"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args, "--out", str(out)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    figures = json.loads(out.read_text())
+    figures["bench_wall_s"] = time.perf_counter() - t
+    return figures
+
+
+SECTIONS = ("dataset_pass", "atlas", "scale", "attribution", "occlusion", "tsne")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -158,45 +189,82 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--small", type=int, default=1_000, help="image count for the memory comparison")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
-    ap.add_argument("--skip-scale", action="store_true", help="skip the checkpoint and 1-vs-2-process figures")
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--topk-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.work)))
+        print(json.dumps(child(args.child, args.work, args.topk_only)))
         return
     if not MODEL.is_file() or not CIFAR.is_dir():
         sys.exit(f"bench needs {MODEL} and {CIFAR}")
+    run = [s for s in SECTIONS if s not in args.skip]
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                 "python": platform.python_version(), "load_average_at_start": os.getloadavg()},
+                     "model": "shared ResNet-56 (CIFAR-10)", "command": " ".join(["python", *sys.argv])}
+    summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="sitegen-bench-") as tmp:
         work = Path(tmp)
-        small = run_child(args.small, work)
-        print(f"{args.small} images: {json.dumps(small['seconds'])}", file=sys.stderr)
-        large = run_child(args.images, work)
-        print(f"{args.images} images: {json.dumps(large['seconds'])}", file=sys.stderr)
-        scale = {}
-        if not args.skip_scale:
-            scale["checkpoint"] = checkpoint_overhead(args.images, work)
-            print(f"checkpoints: {json.dumps(scale['checkpoint'])}", file=sys.stderr)
+        if "dataset_pass" in run:
+            small = run_child(args.small, work, topk_only=True)
+            log(f"dataset pass, {args.small} images: {json.dumps(small['seconds'])}")
+            large = run_child(args.images, work, topk_only=True)
+            log(f"dataset pass, {args.images} images: {json.dumps(large['seconds'])}")
+            results["dataset_pass"] = {"small": small, "large": large}
+            summary.update({
+                "dataset_pass_over_bare_forward": large["seconds"]["pass:topk"] / large["seconds"]["bare_forward"],
+                "dataset_pass_over_bare_forward_small": small["seconds"]["pass:topk"] / small["seconds"]["bare_forward"],
+                "peak_rss_mib_small_large": [small["peak_rss_mib"], large["peak_rss_mib"]],
+                "peak_rss_large_over_small": large["peak_rss_mib"] / small["peak_rss_mib"],
+            })
+        if "atlas" in run:
+            atlas = run_child(args.images, work)
+            log(f"whole atlas, {args.images} images: {json.dumps(atlas['seconds'])}")
+            results["atlas"] = atlas
+            s = atlas["seconds"]
+            fv = s.get("pass:featurevis")
+            summary.update({
+                "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
+                "passes_over_bare_forward": atlas["ratio_to_bare_forward"],
+                "attribution_pass_over_bare_forward": s.get("pass:attribution", float("nan")) / s["bare_forward"],
+                "featurevis_s_per_channel": fv / (atlas["channels"] + 10) if fv else None,
+                "atlas_peak_rss_mib": atlas["peak_rss_mib"],
+                "site_mib": atlas["site"]["bytes"] / 2**20,
+                "site_files": atlas["site"]["files"],
+            })
+        if "scale" in run:
+            scale = {"checkpoint": checkpoint_overhead(args.images, work)}
+            log(f"checkpoints: {json.dumps(scale['checkpoint'])}")
             scale["workers"] = workers_comparison(args.images, work)
-            print(f"workers: {json.dumps(scale['workers'])}", file=sys.stderr)
-    s = large["seconds"]
-    results = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "model": "shared ResNet-56 (CIFAR-10)",
-        "large": large,
-        "small": small,
-        "scale": scale,
-        "summary": {
-            "dataset_pass_over_bare_forward": s.get("pass:topk", float("nan")) / s["bare_forward"],
-            "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
-            "peak_rss_large_over_small": large["peak_rss_mib"] / small["peak_rss_mib"],
-            "site_mib": large["site"]["bytes"] / 2**20,
-            "site_files": large["site"]["files"],
-        },
-    }
+            log(f"workers: {json.dumps(scale['workers'])}")
+            results["scale"] = scale
+            summary.update({"checkpoint_overhead": scale["checkpoint"]["overhead"],
+                            "two_processes_speedup": scale["workers"]["speedup_2_over_1"]})
+        if "attribution" in run:
+            # The top-9 units (hence the attribution work) do not grow with the image count; 1,000
+            # images give the same number of units and the script scales the forward to 10,000.
+            a = run_script("attribution_bench", ["--images", str(args.small)], work)
+            log(f"attribution: {json.dumps(a['naive_over_attribution'])} x faster than naive")
+            results["attribution"] = a
+            summary.update({"attribution_naive_over_pass": a["naive_over_attribution"],
+                            "attribution_over_bare_forward_at_10000": a["ratio_at_10000_images"]})
+        if "occlusion" in run:
+            o = run_script("occlusion_bench", ["--model", "resnet56", "--threads", "1"], work)
+            log(f"occlusion: {o['ratio']} x plain forwards")
+            results["occlusion"] = o
+            summary["occlusion_over_plain_forwards"] = o["ratio"]
+        if "tsne" in run:
+            t = run_script("tsne_bench", ["--points", str(args.images), "--model", "resnet56"], work)
+            log(f"t-SNE: {json.dumps(t.get('sklearn'))}")
+            results["tsne"] = t
+            summary.update({"tsne_whole_pass_over_tsne": t["sklearn"]["ratio_whole_to_tsne"],
+                            "opentsne_speedup": t.get("speedup_tsne")})
+    results["summary"] = summary
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results["summary"], indent=2))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
