@@ -2,8 +2,10 @@
 
 Under ``torchrun`` every rank reads and decodes only its shard of the image list and keeps its own
 streaming top-k; the ranks then merge (each rank's k candidates per channel, the global top-k kept
-with the same tie-break as one process).  Passes that do not split their work run on rank 0 only,
-and only rank 0 writes the cache and the site.
+with the same tie-break as one process).  The attribution and feature-visualisation
+passes split their work items among the ranks and gather the pieces on rank 0
+(:func:`gather_to_main`); passes that do not split their work run on rank 0 only, and only rank 0
+writes the cache and the site.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class Dist:
         per, extra = divmod(n, self.world)
         start = self.rank * per + min(self.rank, extra)
         return range(start, start + per + (1 if self.rank < extra else 0))
+
+    def items(self, n: int) -> range:
+        """This rank's share of ``n`` independent work items (attribution batches, feature-vis
+        batches): every ``world``-th item, so costly and cheap items spread evenly."""
+        return range(self.rank, n, self.world)
 
     def barrier(self) -> None:
         if self.active:
@@ -98,4 +105,16 @@ def all_gather_objects(obj):
     """Small metadata (failed-file messages) between this job's own ranks."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` on rank 0, in rank order (``None`` on the other ranks); ``[obj]`` in a
+    single process.  The objects travel pickled between this job's own ranks only: never a file,
+    never the user's data."""
+    d = current()
+    if not d.active:
+        return [obj]
+    out = [None] * d.world if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
     return out

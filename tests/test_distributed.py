@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 SITEGEN = [sys.executable, "-m", "sitegen"]
 
@@ -59,6 +60,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_setup, paths):
     assert_same_atlas(_atlas(tmp_path / "one"), _atlas(tmp_path / "two"))
     pages = lambda site: sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html"))  # noqa: E731
     assert pages(tmp_path / "one") == pages(tmp_path / "two")
+    # The attribution and feature-vis work was split between the ranks and gathered on rank 0: every
+    # picture (sprites, attribution crops, optimised images, kernels, maps) is the same, byte for byte.
+    pictures = lambda site: {p.relative_to(site).as_posix(): p.read_bytes()  # noqa: E731
+                             for p in site.rglob("*") if p.suffix in (".png", ".webp")}
+    one_pics, two_pics = pictures(tmp_path / "one"), pictures(tmp_path / "two")
+    assert one_pics.keys() == two_pics.keys()
+    assert any(name.endswith(".fv.png") for name in one_pics) and any("class-" in name for name in one_pics)
+    with Image.open(tmp_path / "one" / "img" / "conv1" / "0.webp") as sprite:  # k=5 columns of square cells
+        assert sprite.height == 4 * sprite.width // 5  # patches, then guided, deconvnet and gradient rows
+    assert [name for name in one_pics if one_pics[name] != two_pics[name]] == []
 
 
 def test_shards_cover_every_image_once():
@@ -68,6 +79,10 @@ def test_shards_cover_every_image_once():
         for world in (1, 2, 3, 8):
             parts = [list(Dist(rank=r, world=world).shard(n)) for r in range(world)]
             assert sum(parts, []) == list(range(n))
+            # Work items (attribution and feature-vis batches): each exactly once, shares differ by ≤ 1.
+            shares = [list(Dist(rank=r, world=world).items(n)) for r in range(world)]
+            assert sorted(sum(shares, [])) == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_killed_build_resumes_and_equals_uninterrupted(tmp_path, tiny_setup, paths):

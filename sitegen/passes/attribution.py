@@ -8,8 +8,10 @@ Speed
 -----
 All (image, unit) pairs of one layer are sorted by image and cut into batches of ``batch_size``
 pairs; each batch is one forward, stopped right after the layer, and one backward per method
-from that same forward (``attribute_methods``: the rule is chosen as each backward runs).  Each image is decoded once per layer at most (a byte-bounded pixel
-cache keeps it across the layer's batches and, when it fits, across layers).  The forward cannot
+from that same forward (``attribute_methods``: the rule is chosen as each backward runs).  Under
+torchrun the batches are shared out among the ranks and rank 0 gathers the crops.  Each image is
+decoded once per layer at most (a byte-bounded pixel cache keeps it across the layer's batches
+and, when it fits, across layers).  The forward cannot
 be shared between pairs or layers: every unit needs its own backward, and autograd can only run a
 per-sample backward through a per-sample forward.
 
@@ -44,6 +46,7 @@ from .. import progress
 from ..attribution import attribute_methods, normalise_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
+from ..distributed import gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..render.patches import GREY, PixelCache, display_box, resize_square
@@ -115,6 +118,7 @@ def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
 class AttributionPass(AnalysisPass):
     name = "attribution"
     version = 1
+    distributed = True
     config: AttributionConfig
 
     def cache_key(self, ctx: BuildContext) -> str:
@@ -141,20 +145,38 @@ class AttributionPass(AnalysisPass):
         plans = [plan_layer(ctx, topk, li, self.config.max_side) for li in range(len(topk.meta["layers"]))]
         batch = ctx.batch_size(self.config.batch_size)
         pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=256 << 20)
-        arrays: dict[str, np.ndarray] = {}
-        total = sum(len(p) for p in plans) * len(methods)
+        out = {p.index: {m: np.full((p.channels, k, p.side, p.side, 3), GREY, dtype=np.uint8) for m in methods}
+               for p in plans}
+        # Work items: every batch of every layer, in order; under torchrun each rank takes its share
+        # and rank 0 gathers the crops (one process takes them all).
+        items = [(p, slice(start, start + batch)) for p in plans for start in range(0, len(p), batch)]
+        mine = ctx.dist.items(len(items))
+        total = sum(len(items[i][0].c[items[i][1]]) for i in mine) * len(methods)
         with progress.bar("attribution", total, "units") as advance:
-            for plan in plans:
-                out = {m: np.full((plan.channels, k, plan.side, plan.side, 3), GREY, dtype=np.uint8) for m in methods}
-                for start in range(0, len(plan), batch):
-                    self._batch(ctx, plan, slice(start, start + batch), methods, pixels, out)
-                    advance(min(batch, len(plan) - start) * len(methods))
-                for m in methods:
-                    arrays[f"L{plan.index}.{m}"] = out[m]
+            for i in mine:
+                plan, s = items[i]
+                self._batch(ctx, plan, s, methods, pixels, out[plan.index])
+                advance(len(plan.c[s]) * len(methods))
+        if ctx.dist.active:
+            self._gather(items, mine, methods, out)
+        arrays = {f"L{li}.{m}": out[li][m] for li in out for m in methods}
         meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
                 "windows": [p.window for p in plans], "sides": [p.side for p in plans],
                 "units": int(sum(len(p) for p in plans)), "percentile": PERCENTILE}
         return Result(meta=meta, arrays=arrays)
+
+    @staticmethod
+    def _gather(items: list[tuple[LayerPlan, slice]], mine: range, methods: list[str],
+                out: dict[int, dict[str, np.ndarray]]) -> None:
+        """Rank 0 receives every other rank's crops and writes them into its arrays."""
+        pieces = [(i, {m: out[items[i][0].index][m][items[i][0].c[items[i][1]], items[i][0].j[items[i][1]]]
+                       for m in methods}) for i in mine]
+        gathered = gather_to_main(pieces)
+        for rank_pieces in gathered or []:
+            for i, crops in rank_pieces:
+                plan, s = items[i]
+                for m in methods:
+                    out[plan.index][m][plan.c[s], plan.j[s]] = crops[m]
 
     def _batch(self, ctx: BuildContext, plan: LayerPlan, s: slice, methods: list[str],
                pixels: PixelCache, out: dict[str, np.ndarray]) -> None:

@@ -102,10 +102,21 @@ class Cache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (ranks on other hosts may not see the same cache)."""
+    import torch
+
+    from ..distributed import all_reduce
+
+    return bool(all_reduce(torch.tensor([int(flag)]), op=torch.distributed.ReduceOp.MIN).item())
+
+
 def run_cached(p: AnalysisPass, ctx: BuildContext, cache: Cache) -> tuple[Result, bool]:
     """The pass's result from the cache, or computed and stored. Returns (result, was_cached)."""
     key = p.cache_key(ctx)
     hit = cache.get(p, key)
+    if p.distributed and ctx.dist.active and not _all_ranks(hit is not None):
+        hit = None  # a pass whose ranks work together runs on all of them or on none
     if hit is not None:
         return hit, True
     folder = cache.folder(p, key)

@@ -46,6 +46,7 @@ from .. import progress
 from ..attribution import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE, _lookup, _relu_call
 from ..config import FeatureVisConfig
 from ..context import BuildContext
+from ..distributed import gather_to_main
 from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
 from ..model_loading import logits
@@ -335,6 +336,7 @@ def visualise_classes(model: nn.Module, classes: list[int], a: Ascent,
 class FeatureVisPass(AnalysisPass):
     name = "featurevis"
     version = 1
+    distributed = True
     config: FeatureVisConfig
 
     def ascent(self, ctx: BuildContext) -> Ascent:
@@ -358,24 +360,31 @@ class FeatureVisPass(AnalysisPass):
                                 "seed": a.seed, "redirect_steps": int(round(a.steps * REDIRECT_FRACTION))}
         n_classes, reason = logit_count(ctx.net, a, ctx.device) if self.config.classes else (0, "featurevis.classes is false")
         meta["classes_reason"] = reason
-        total = sum(l.channels for l in ctx.layers) + (n_classes or 0)
-        with progress.bar("feature visualisation", total, "images") as advance:
-            for li, info in enumerate(ctx.layers):
-                parts = []
-                for lo in range(0, info.channels, bs):
-                    chans = list(range(lo, min(lo + bs, info.channels)))
-                    parts.append(visualise_channels(ctx.net, info.name, chans, a, device=ctx.device))
-                    advance(len(chans))
-                _store(arrays, f"L{li}", parts, a)
-            meta["classes"] = 0
-            if n_classes:
-                parts = []
-                for lo in range(0, n_classes, bs):
-                    ks = list(range(lo, min(lo + bs, n_classes)))
-                    parts.append(visualise_classes(ctx.net, ks, a, device=ctx.device))
-                    advance(len(ks))
-                _store(arrays, "classes", parts, a)
-                meta["classes"] = n_classes
+        # Work items: each batch of channels of each layer, then each batch of classes.  Under
+        # torchrun each rank optimises its share and rank 0 gathers the images (the batches, and so
+        # every image's seeds and jitter, are the same as in one process).
+        items = [(f"L{li}", info, list(range(lo, min(lo + bs, info.channels))))
+                 for li, info in enumerate(ctx.layers) for lo in range(0, info.channels, bs)]
+        items += [("classes", None, list(range(lo, min(lo + bs, n_classes)))) for lo in range(0, n_classes or 0, bs)]
+        mine = ctx.dist.items(len(items))
+        done: dict[int, AscentResult] = {}
+        with progress.bar("feature visualisation", sum(len(items[i][2]) for i in mine), "images") as advance:
+            for i in mine:
+                prefix, info, units = items[i]
+                if info is None:
+                    done[i] = visualise_classes(ctx.net, units, a, device=ctx.device)
+                else:
+                    done[i] = visualise_channels(ctx.net, info.name, units, a, device=ctx.device)
+                advance(len(units))
+        if ctx.dist.active:
+            gathered = gather_to_main(done)
+            done = {i: r for part in (gathered or [done]) for i, r in part.items()}
+        for li in range(len(ctx.layers)):
+            _store(arrays, f"L{li}", [done[i] for i, item in enumerate(items) if item[0] == f"L{li}" and i in done], a)
+        meta["classes"] = 0
+        if n_classes:
+            _store(arrays, "classes", [done[i] for i, item in enumerate(items) if item[0] == "classes" and i in done], a)
+            meta["classes"] = n_classes
         return Result(meta=meta, arrays=arrays)
 
 
