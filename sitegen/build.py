@@ -40,6 +40,8 @@ class BuildReport:
     skipped: int = 0
     layers: int = 0
     channels: int = 0
+    site_bytes: int = 0
+    site_files: int = 0
 
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
@@ -121,7 +123,21 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
         raise
     report.timings["render"] = time.perf_counter() - t
     report.timings["total"] = time.perf_counter() - t0
+    report.site_files, report.site_bytes = site_size(out)
+    if report.site_bytes > PAGES_LIMIT:
+        progress.info(f"warning: the atlas is {report.site_bytes / 1e9:.2f} GB, over GitHub Pages' 1 GB limit; "
+                      "docs/size.md shows which settings shrink it (layers, attribution.methods, site.patch_size)")
     return report
+
+
+PAGES_LIMIT = 10**9
+"""GitHub Pages publishes sites of at most 1 GB."""
+
+
+def site_size(folder: Path) -> tuple[int, int]:
+    """Files and bytes under ``folder``."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
 
 
 def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Config:

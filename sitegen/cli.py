@@ -92,7 +92,8 @@ def build(
         distributed.shutdown()
     if dist.is_main:
         progress.info(f"built {report.channels} channels of {report.layers} layers from {report.images} images "
-                      f"in {report.timings['total']:.1f} s")
+                      f"in {report.timings['total']:.1f} s: {report.site_files} files, "
+                      f"{report.site_bytes / 2**20:.1f} MiB")
         typer.echo(str(report.index.resolve()))
 
 

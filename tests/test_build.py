@@ -129,3 +129,25 @@ def test_layers_command_lists_layers(tiny_checkpoint, paths, capsys):
     code, stdout, err = run_cli(["layers", str(tiny_checkpoint), "--arch", paths["tiny_arch"], "--size", "16"], capsys)
     assert code == 0, err
     assert re.search(r"conv1\s.*conv\s.*4\s", stdout) and "conv2" in stdout
+
+
+def test_build_reports_size_and_warns_over_the_pages_limit(tmp_path, tiny_checkpoint, hostile_images, paths,
+                                                            capsys, monkeypatch):
+    """The build says how big the site is, and warns (still succeeding) past GitHub Pages' limit."""
+    import sitegen.build
+
+    from sitegen.build import site_size
+
+    out = tmp_path / "site"
+    argv = ["build", str(tiny_checkpoint), "--images", str(hostile_images), "--arch", paths["tiny_arch"],
+            "-o", str(out), "--no-cache", "--k", "2"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert site_size(out) == (len(files), sum(p.stat().st_size for p in files))
+    assert f"{len(files)} files" in err and "GitHub Pages" not in err
+
+    monkeypatch.setattr(sitegen.build, "PAGES_LIMIT", 1000)  # as if the atlas were over 1 GB
+    code, _, err = run_cli(argv + ["--force"], capsys)
+    assert code == 0, err
+    assert "over GitHub Pages' 1 GB limit" in err and "docs/size.md" in err
