@@ -237,6 +237,11 @@ def test_walk_index_layer_channel_and_views(browser, base):
             continue
         page.goto(href)
         check_images(page)  # (the t-SNE scatter is inline SVG: a page may have no <img>)
+        # check_images scrolled every image into view: a sprite window that is a scroll container
+        # (overflow: hidden) would have scrolled its sprite and now show halves of two cells.
+        shifted = page.evaluate("() => Array.from(document.querySelectorAll('.sp, .tile-strip'))"
+                                ".filter(e => e.scrollTop || e.scrollLeft).length")
+        assert shifted == 0, f"{shifted} sprite windows scrolled on {page.url}"
         screenshot(page, f"{tag}-{step}")
         watch.check()
     watch.check()
