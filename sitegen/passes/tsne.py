@@ -92,8 +92,9 @@ def embed(x: np.ndarray, cfg: TsneConfig) -> tuple[np.ndarray, float]:
                               "pip install openTSNE, or use method = \"sklearn\"") from None
         # openTSNE counts the 250 early-exaggeration steps apart; scikit-learn's max_iter includes them.
         # One job: the same result on every machine (and the bench compares like with like).  Its
-        # FFT-interpolated gradient is what makes it faster at scale (10,000 points: 39 s against 74 s
-        # with Barnes-Hut, which its "auto" still picks there); below a few thousand points BH is as fast.
+        # FFT-interpolated gradient is what can make it faster at scale ("auto" still picks Barnes-Hut
+        # at 10,000 points); measured at 10,000 CIFAR codes on 2 cores, one thread: 39 s against 74 s
+        # in one run, 57 s against 50 s in another (bench/results.json), so scikit-learn stays the default.
         emb = OpenTSNE(n_components=2, perplexity=perplexity, random_state=cfg.seed, initialization="pca",
                        early_exaggeration_iter=250, n_iter=cfg.iterations - 250, n_jobs=1,
                        negative_gradient_method="fft" if n >= FFT_FROM else "bh",
