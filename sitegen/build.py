@@ -42,6 +42,8 @@ class BuildReport:
     channels: int = 0
     site_bytes: int = 0
     site_files: int = 0
+    unusable: int = 0
+    """Listed images the dataset pass could not use (undecodable, another size); part of ``skipped``."""
 
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
@@ -96,6 +98,16 @@ def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str
     return results
 
 
+def warn_unusable(reasons: list[str], shown: int = 5) -> None:
+    """Say which images the dataset pass could not use (undecodable, another size...): they are
+    left out of every view, which must not happen silently."""
+    for reason in reasons[:shown]:
+        progress.info(f"warning: skipping {reason}")
+    if len(reasons) > shown:
+        progress.info(f"warning: {len(reasons) - shown} more images could not be used "
+                      "(all are listed on the atlas's index page)")
+
+
 def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: Config, *,
           force: bool = False, cache_dir: Path | None = None) -> BuildReport:
     out = Path(out)
@@ -108,9 +120,11 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     progress.info(f"{len(ctx.images)} images, {report.layers} layers, {report.channels} channels, "
                   f"device {ctx.device.type}")
     results = run_passes(ctx, Cache(cache_dir), report)
-    report.skipped = len(ctx.images.skipped) + len(results["topk"].arrays["failed"])
+    report.unusable = len(results["topk"].arrays["failed"])
+    report.skipped = len(ctx.images.skipped) + report.unusable
     if not ctx.dist.is_main:
         return report  # only rank 0 writes the site
+    warn_unusable(results["topk"].meta.get("failed_reasons", []))
     t = time.perf_counter()
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)

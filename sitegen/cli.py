@@ -91,7 +91,9 @@ def build(
     finally:
         distributed.shutdown()
     if dist.is_main:
-        progress.info(f"built {report.channels} channels of {report.layers} layers from {report.images} images "
+        used = report.images - report.unusable
+        skipped = f" ({report.skipped} skipped)" if report.skipped else ""
+        progress.info(f"built {report.channels} channels of {report.layers} layers from {used} images{skipped} "
                       f"in {report.timings['total']:.1f} s: {report.site_files} files, "
                       f"{report.site_bytes / 2**20:.1f} MiB")
         typer.echo(str(report.index.resolve()))

@@ -151,3 +151,26 @@ def test_build_reports_size_and_warns_over_the_pages_limit(tmp_path, tiny_checkp
     code, _, err = run_cli(argv + ["--force"], capsys)
     assert code == 0, err
     assert "over GitHub Pages' 1 GB limit" in err and "docs/size.md" in err
+
+
+def test_images_the_dataset_pass_cannot_use_are_named_on_the_terminal(tmp_path, tiny_checkpoint, make_images,
+                                                                       paths, capsys):
+    """A truncated file and an image of another size are listed with the reason, not dropped silently."""
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    make_images(images, 8, size=16, classes=2)
+    good = sorted((images / "c0").iterdir())[0]
+    data = good.read_bytes()
+    (images / "c0" / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (20, 16), (200, 10, 10)).save(images / "c1" / "wide.png")
+    argv = ["build", str(tiny_checkpoint), "--images", str(images), "--arch", paths["tiny_arch"],
+            "-o", str(tmp_path / "site"), "--no-cache", "--k", "2"]
+    (tmp_path / "c.toml").write_text("".join(f"[{section}]\nenabled = false\n" for section in (
+        "attribution", "featurevis", "occlusion", "tsne", "kernels", "activations")))
+    code, _, err = run_cli(argv + ["--config", str(tmp_path / "c.toml")], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert any("truncated.png" in w for w in warnings), err
+    assert any("wide.png" in w and "20×16" in w for w in warnings), err
+    assert "from 8 images (2 skipped)" in err
