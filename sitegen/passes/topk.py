@@ -180,7 +180,8 @@ class TopKPass(AnalysisPass):
         names = [l.name for l in ctx.layers]
         shard = list(ctx.dist.shard(len(ctx.images)))
         dtype, agreement = self._choose_precision(ctx, names, shard)
-        ckpt = Checkpoint(ctx.scratch, ctx.dist.rank, self.config.checkpoint_every)
+        ckpt = Checkpoint(ctx.scratch, ctx.dist.rank, self.config.checkpoint_every,
+                          (ctx.dist.world, shard[0] if shard else 0, len(shard)))
         reducers, failed = self._stream(ctx, names, shard, dtype, ckpt)
         if ctx.dist.active:
             failed = _merge_ranks(reducers, failed, self.config.k)
@@ -312,12 +313,15 @@ class Checkpoint:
 
     It lives beside the pass's cache entry (its key covers weights, images and config, so a
     checkpoint can only be resumed by the identical pass) and is removed once the pass finishes.
+    It also records the job's shape, ``(world size, first image, image count)`` of this rank's
+    shard: a build resumed with another ``--workers`` count splits the images differently, and a
+    rank restoring a state that covers images outside its new shard would count them twice.
     Arrays only, loaded without pickle.
     """
 
-    def __init__(self, folder: Path | None, rank: int, every: int):
+    def __init__(self, folder: Path | None, rank: int, every: int, shard: tuple[int, int, int] = (1, 0, 0)):
         self.path = folder / f"rank{rank}.npz" if folder is not None and every > 0 else None
-        self.every, self.last = every, 0
+        self.every, self.last, self.shard = every, 0, tuple(int(v) for v in shard)
 
     def restore(self, reducers: dict[str, LayerReducer], device: torch.device) -> tuple[int, list]:
         if self.path is None or not self.path.is_file():
@@ -325,6 +329,10 @@ class Checkpoint:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
+            if tuple(int(v) for v in data["shard"]) != self.shard:
+                progress.info("dataset pass: the checkpoint was written by a job split another way "
+                              "(another --workers count); starting over")
+                return 0, []
             for li, (name, r) in enumerate(reducers.items()):
                 r.load_state({k.split(":", 1)[1]: torch.from_numpy(v).to(device)
                               for k, v in data.items() if k.startswith(f"L{li}:")})
@@ -340,6 +348,7 @@ class Checkpoint:
         arrays = {f"L{li}:{k}": v.cpu().numpy() for li, r in enumerate(reducers.values())
                   for k, v in r.state().items()}
         arrays["done"] = np.array([done], dtype=np.int64)
+        arrays["shard"] = np.array(self.shard, dtype=np.int64)
         arrays["failed"] = np.array([i for i, _ in failed], dtype=np.int64)
         arrays["failed_reasons"] = np.array([m for _, m in failed], dtype=str)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,31 @@ def test_agreement_of_identical_and_disjoint_sets():
     a.top.images = torch.tensor([[1, 2, 3], [4, 5, 6]])
     b.top.images = torch.tensor([[3, 2, 1], [7, 8, 4]])
     assert topk_agreement({"x": a}, {"x": b}) == pytest.approx((1.0 + 1 / 3) / 2)
+
+
+def test_checkpoint_from_a_job_split_another_way_is_not_resumed(tmp_path):
+    """A build killed with one --workers count and rerun with another shards the images differently:
+    a rank must not restore a state covering images outside its new shard (they would count twice)."""
+    import torch
+
+    from sitegen.passes.topk import Checkpoint, LayerReducer
+
+    def reducers():
+        return {"a": LayerReducer(3, 2, torch.device("cpu"))}
+
+    saved = reducers()
+    saved["a"].images = torch.arange(4)
+    saved["a"](None, None, torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2))
+    saved["a"].flush()
+    one_process = Checkpoint(tmp_path, 0, every=1, shard=(1, 0, 100))
+    one_process.maybe_save(saved, 60, [(7, "x.png: cannot decode")])
+
+    same = reducers()
+    assert Checkpoint(tmp_path, 0, every=1, shard=(1, 0, 100)).restore(same, torch.device("cpu")) == \
+        (60, [(7, "x.png: cannot decode")])
+    assert same["a"].stats.n == 4 and torch.equal(same["a"].top.padded()["values"], saved["a"].top.padded()["values"])
+
+    for other in ((2, 0, 50), (1, 0, 99)):  # rank 0 of two workers; a different image list length
+        fresh = reducers()
+        assert Checkpoint(tmp_path, 0, every=1, shard=other).restore(fresh, torch.device("cpu")) == (0, [])
+        assert fresh["a"].stats.n == 0
