@@ -2,7 +2,7 @@
 
 Under ``torchrun`` every rank reads and decodes only its shard of the image list and keeps its own
 streaming top-k; the ranks then merge (each rank's k candidates per channel, the global top-k kept
-with the same tie-break as one process).  The attribution and feature-visualisation
+with the same tie-break as one process).  The attribution, feature-visualisation and occlusion
 passes split their work items among the ranks and gather the pieces on rank 0
 (:func:`gather_to_main`); passes that do not split their work run on rank 0 only, and only rank 0
 writes the cache and the site.
@@ -38,8 +38,8 @@ class Dist:
         return range(start, start + per + (1 if self.rank < extra else 0))
 
     def items(self, n: int) -> range:
-        """This rank's share of ``n`` independent work items (attribution batches, feature-vis
-        batches): every ``world``-th item, so costly and cheap items spread evenly."""
+        """This rank's share of ``n`` independent work items (attribution, feature-vis and
+        occlusion batches): every ``world``-th item, so costly and cheap items spread evenly."""
         return range(self.rank, n, self.world)
 
     def barrier(self) -> None:

@@ -12,7 +12,10 @@ that cell's centre (clipped at the border), so a map upsampled by ``stride`` lin
 
 All occluded copies of all sample images form one flat list of (image, position) jobs, cut into
 batches of hundreds: the only work beyond plain forward passes is one masked fill per batch and a
-gather in a hook (``bench/occlusion_bench.py`` measures the ratio).
+gather in a hook (``bench/occlusion_bench.py`` measures the ratio).  Under torchrun the batches are
+the work items: every rank runs the (cheap) unoccluded forward itself, computes every ``world``-th
+batch, and rank 0 gathers the pieces (:func:`sitegen.distributed.gather_to_main`); the batches are
+the same as in one process, so is the result.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from .. import progress
 from ..config import OcclusionConfig, SamplesConfig
 from ..context import BuildContext
+from ..distributed import gather_to_main
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
 from ..model_loading import logits
@@ -108,6 +112,7 @@ class ChannelTotal:
 class OcclusionPass(AnalysisPass):
     name = "occlusion"
     version = 2  # 2: default stride 1/12 of the side (was 1/16)
+    distributed = True
     config: OcclusionConfig
 
     def __init__(self, config: OcclusionConfig, samples: SamplesConfig):
@@ -160,14 +165,18 @@ class OcclusionPass(AnalysisPass):
         target = torch.as_tensor(ctx.images.labels[ids], device=probs.device) if labelled else probs.argmax(1)
         channel = torch.cat(maxima).argmax(1)
         base_total = torch.cat(totals).gather(1, channel[:, None])[:, 0]
-        # Every (image, position) pair, in batches that may span images.
+        # Every (image, position) pair, in batches that may span images.  The batches are the work
+        # items: under torchrun each rank computes its share (every world-th batch) and rank 0
+        # gathers the rest; one process takes them all.
         boxes = torch.as_tensor(geo.boxes, device=x.device)
-        prob = torch.empty(s * p, device=x.device)
-        best = torch.empty(s * p, dtype=torch.int64, device=x.device)
-        total = torch.empty(s * p, device=x.device)
-        with progress.bar("occlusion", s * p, "copies") as advance:
-            for start in range(0, s * p, batch):
-                jobs = torch.arange(start, min(start + batch, s * p), device=x.device)
+        prob = torch.zeros(s * p, device=x.device)
+        best = torch.zeros(s * p, dtype=torch.int64, device=x.device)
+        total = torch.zeros(s * p, device=x.device)
+        spans = [(start, min(start + batch, s * p)) for start in range(0, s * p, batch)]
+        mine = ctx.dist.items(len(spans))
+        with progress.bar("occlusion", sum(spans[i][1] - spans[i][0] for i in mine), "copies") as advance:
+            for i in mine:
+                jobs = torch.arange(*spans[i], device=x.device)
                 img, pos = jobs // p, jobs % p
                 hook.channels = channel[img]
                 out = logits(ctx.net(occlude(x[img], boxes[pos]))).float().softmax(1)
@@ -175,6 +184,8 @@ class OcclusionPass(AnalysisPass):
                 best[jobs] = out.argmax(1)
                 total[jobs] = hook.total.float()
                 advance(len(jobs))
+        if ctx.dist.active:
+            self._gather(spans, mine, prob, best, total)
         top = probs.topk(min(TOP, k), dim=1)
         grid = (s, geo.rows, geo.cols)
         np_ = lambda t: t.detach().cpu().numpy()  # noqa: E731
@@ -194,6 +205,21 @@ class OcclusionPass(AnalysisPass):
         }
         meta.update(labelled=bool(labelled), class_names=output_names(ctx.images, k))
         return Result(meta=meta, arrays=arrays)
+
+    @staticmethod
+    def _gather(spans: list[tuple[int, int]], mine: range, prob: torch.Tensor, best: torch.Tensor,
+                total: torch.Tensor) -> None:
+        """Rank 0 receives every other rank's batches and writes them into its arrays (the values
+        travel as CPU NumPy arrays of the same dtypes, so nothing is rounded on the way)."""
+        np_ = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        pieces = [(i, np_(prob[slice(*spans[i])]), np_(best[slice(*spans[i])]), np_(total[slice(*spans[i])]))
+                  for i in mine]
+        for rank_pieces in gather_to_main(pieces) or []:
+            for i, pr, be, to in rank_pieces:
+                jobs = slice(*spans[i])
+                prob[jobs] = torch.from_numpy(pr).to(prob.device)
+                best[jobs] = torch.from_numpy(be).to(best.device)
+                total[jobs] = torch.from_numpy(to).to(total.device)
 
 
 def load_inputs(ctx: BuildContext, indices: list[int]) -> tuple[list[int], torch.Tensor, list[int]]:
