@@ -75,6 +75,18 @@ TILES_PER_PAGE = 512
 ResNet-50 has four pages) and the browser lays out a bounded number of tiles."""
 
 
+def class_anchor(name: str) -> str:
+    """The ``id`` of a class's entry in the index page's class list (the data summary): ``class-<slug>``,
+    so any class folder name, whatever its characters, gives a valid, unique, stable fragment."""
+    return f"class-{slug(name)}"
+
+
+def class_url(name: str, own_pages: dict[str, str]) -> str:
+    """Where a class's search entry leads: the class's own page where the build has one (a page whose
+    context names it as ``for_class``), otherwise its entry in the index page's class list."""
+    return own_pages.get(name) or f"index.html#{class_anchor(name)}"
+
+
 def tile_page_url(layer: str, channel: int) -> str:
     """The layer page whose tiles include ``channel``: ``index.html``, then ``page-2.html``, ..."""
     number = channel // TILES_PER_PAGE + 1
@@ -222,7 +234,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
     pages.append(Page("index.html", "index.html", {
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
         "dull": dull_rows, "dull_ratio": ctx.config.site.dull_ratio,
-        "views": nav,
+        "views": nav, "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
     }, title=opts.title))
     for v in views:
         pages.extend(v.pages(ctx, atlas, results, opts))
@@ -328,7 +340,8 @@ def search_index(atlas: dict[str, Any], pages: list[Page], site_title: str) -> d
     the layer list, which holds each layer's folder and channel count.  The views' own front pages
     (top-level pages and folder indexes: t-SNE, occlusion, stages, ...) are listed by title; their
     per-image and per-channel pages are not, as they would be thousands on a large model and this
-    file loads with every page.
+    file loads with every page.  Each class names the page it leads to (``url``, relative to the site
+    root, perhaps with a ``#fragment``) and what that is (``where``).
     """
     layers = [{"name": l["name"], "caffe": l["caffe"], "kind": l["kind"], "channels": l["shape"][0],
                "dir": f"layers/{slug(l['name'])}/"} for l in atlas["layers"]]
@@ -336,7 +349,12 @@ def search_index(atlas: dict[str, Any], pages: list[Page], site_title: str) -> d
     listed = [{"title": p.title[:-len(suffix)] if p.title.endswith(suffix) else p.title, "url": p.path}
               for p in pages if p.template not in ("layer.html", "channel.html") and p.path != "index.html"
               and ("/" not in p.path or p.path.endswith("/index.html"))]
-    classes = [{"name": c, "url": "index.html"} for c in atlas["data"]["classes"]]
+    # A class leads to the most specific place this build has about it: its own page (a view's page
+    # whose context says ``for_class``), else its anchor in the index page's class list.
+    own = {p.context["for_class"]: p.path for p in pages
+           if isinstance(p.context, dict) and isinstance(p.context.get("for_class"), str)}
+    classes = [{"name": c, "url": class_url(c, own), "where": "class page" if c in own else "data summary"}
+               for c in atlas["data"]["classes"]]
     return {"layers": layers, "classes": classes, "pages": listed}
 
 

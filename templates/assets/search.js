@@ -57,7 +57,7 @@
     });
     (index.classes || []).forEach(function (c, i) {
       var s = score(c.name, q);
-      if (s >= 0) hits.push({ s: s + 0.5, i: 20000 + i, r: { text: c.name, detail: "class", url: c.url } });
+      if (s >= 0) hits.push({ s: s + 0.5, i: 20000 + i, r: { text: c.name, detail: c.where ? "class · " + c.where : "class", url: c.url } });
     });
     hits.sort(function (a, b) { return a.s - b.s || a.i - b.i; });
     return hits.slice(0, MAX_RESULTS).map(function (h) { return h.r; });

@@ -310,7 +310,14 @@ def test_search_channel_layer_and_class(browser, base):
     box.fill("cat")
     first = page.locator("#search-results li").first
     assert first.inner_text().split("\n")[0] == "cat"
-    assert "class" in first.inner_text()
+    assert first.inner_text().split("\n")[1] == "class · data summary"
+    box.press("Enter")  # this build has no page per class: the class's entry in the index's class list
+    page.wait_for_url(re.compile(r"/index\.html#class-cat$"))
+    assert page.url == base + "index.html#class-cat"  # the atlas's own front page, from two folders deep
+    target = page.locator(".summary :target")
+    assert target.inner_text() == "cat" and target.is_visible()
+
+    box = page.locator(".search-box")
     page.set_viewport_size(PHONE)
     box.fill("layer")
     page.screenshot(path=str(SCREENSHOTS / f"{mode(base)}-search-390.png"))

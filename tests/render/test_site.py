@@ -181,11 +181,58 @@ def test_search_index_finds_every_layer_channel_and_class(small_site: Path):
         assert not (small_site / entry["dir"] / f"{entry['channels']}.html").exists()
     assert [c["name"] for c in index["classes"]] == atlas["data"]["classes"]
     assert len(index["classes"]) == 10
+    # A class leads to something about it: this build has no page of its own per class, so its entry
+    # in the index page's class list, an element whose text is the class name.
+    home = parse(small_site / "index.html")
+    for entry in index["classes"]:
+        target, fragment = resolve(small_site, small_site / "index.html", entry["url"])
+        assert target == (small_site / "index.html").resolve() and fragment, entry
+        assert fragment in home.ids, entry
+        assert entry["where"] == "data summary"
+    html = (small_site / "index.html").read_text(encoding="utf-8")
+    for name in atlas["data"]["classes"]:
+        assert re.search(rf'<span class="class-name" id="class-{re.escape(name)}">{re.escape(name)}</span>', html)
     for page in index["pages"]:
         assert (small_site / page["url"]).is_file(), page
         assert "/" not in page["url"] or page["url"].endswith("/index.html")
     # The index loads with every page: it must stay small (no per-channel or per-image entries).
     assert (small_site / "data" / "search-index.js").stat().st_size < 20_000
+
+
+def test_a_class_leads_to_its_own_page_else_its_index_anchor(tmp_path):
+    """Without a build: a class with a page of its own (context ``for_class``) links there, the others to
+    their anchor in the index's class list; odd folder names give a safe, stable fragment, and the
+    index page (rendered from the same context) carries every anchor the search index names."""
+    from sitegen.render.site import Page, class_anchor, search_index, slug, write_pages
+
+    odd = 'a/b <c> & "d" #1'
+    atlas = {"layers": [], "data": {"classes": ["dog", odd, "cat"]}}
+    pages = [Page("index.html", "index.html", {}, title="t"),
+             Page("classes/dog.html", "classes.html", {"for_class": "dog"}, title="dog · t"),
+             Page("classes/index.html", "classes.html", {}, title="Class visualisations · t")]
+    index = search_index(atlas, pages, "t")
+    by_name = {c["name"]: c for c in index["classes"]}
+    assert by_name["dog"] == {"name": "dog", "url": "classes/dog.html", "where": "class page"}
+    assert by_name["cat"] == {"name": "cat", "url": "index.html#class-cat", "where": "data summary"}
+    frag = by_name[odd]["url"].split("#", 1)[1]
+    assert by_name[odd]["url"] == f"index.html#{class_anchor(odd)}" and frag == f"class-{slug(odd)}"
+    assert re.fullmatch(r"class-[A-Za-z0-9._-]+", frag)  # no escaping needed in a URL or an id
+    assert frag != class_anchor('a/b <c> & "d" #2')  # the slug's hash keeps look-alike names apart
+
+    # The same anchors on the rendered index page, the class name escaped as text.
+    (tmp_path / "site").mkdir()
+    home = Page("index.html", "index.html", {
+        "model": {"checkpoint": "m.pt", "arch": "a", "num_classes": 3, "weights_sha256": "0" * 64},
+        "data": {"used": 3, "images": 3, "input_size": [8, 8], "classes": atlas["data"]["classes"], "skipped": []},
+        "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
+        "layers": [], "dead": [], "dull": [], "dull_ratio": 0.1, "k": 1, "views": []}, title="t")
+    write_pages([home], tmp_path / "site", "t")
+    refs = parse(tmp_path / "site" / "index.html")
+    for c in index["classes"]:
+        if c["url"].startswith("index.html#"):
+            assert c["url"].split("#", 1)[1] in refs.ids, c
+    html = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    assert 'a/b &lt;c&gt; &amp; &#34;d&#34; #1</span>' in html and "<c>" not in html
 
 
 def test_layer_pages_are_light(small_site: Path):
