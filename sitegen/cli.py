@@ -146,12 +146,21 @@ def layers(
         side = size or cfg.data.crop or cfg.data.resize or 224
         h, w = side, side
     found = discover(loaded.model, (3, h, w))
+    columns = ("layer", "kind", "channels", "output", "receptive field", "stride", "caffe")
+    rows = [(l.name, l.kind, str(l.channels), "×".join(map(str, l.shape)), f"{l.rf.size} px", str(l.rf.stride),
+             l.caffe) for l in found]
+    if not sys.stdout.isatty():
+        # Piped or redirected: whole names (they go into `layers = [...]`), one tab-separated row each.
+        typer.echo(f"# {model.name}: {len(found)} layers for {w}×{h} input")
+        for row in (columns, *rows):
+            typer.echo("\t".join(row))
+        return
     table = Table(title=f"{model.name}: {len(found)} layers for {w}×{h} input", title_justify="left")
-    for col in ("layer", "kind", "channels", "output", "receptive field", "stride", "caffe"):
-        table.add_column(col)
-    for l in found:
-        table.add_row(l.name, l.kind, str(l.channels), "×".join(map(str, l.shape)), f"{l.rf.size} px",
-                      str(l.rf.stride), l.caffe)
+    for col in columns:
+        # The names are what users copy into the config: never shorten them with an ellipsis.
+        table.add_column(col, no_wrap=col == "layer", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     Console(soft_wrap=True).print(table)
 
 

@@ -131,6 +131,23 @@ def test_layers_command_lists_layers(tiny_checkpoint, paths, capsys):
     assert re.search(r"conv1\s.*conv\s.*4\s", stdout) and "conv2" in stdout
 
 
+def test_layers_lists_whole_names_piped_and_on_a_narrow_terminal(paths, capsys, monkeypatch):
+    """Layer names are what users paste into `layers = [...]`: never cut short with an ellipsis."""
+    import sys
+
+    argv = ["layers", str(paths["resnet20"]), "--arch", f"{paths['cifar_arch']}:resnet20", "--size", "32"]
+    code, stdout, err = run_cli(argv, capsys)  # captured: not a terminal
+    assert code == 0, err
+    rows = [line.split("\t") for line in stdout.splitlines() if not line.startswith("#")]
+    assert rows[0][0] == "layer" and "layer3.2.conv2" in [r[0] for r in rows] and "…" not in stdout
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("COLUMNS", "60")
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "…" not in stdout and "layer3.2.conv2" in stdout.replace("│", "").replace(" ", "").replace("\n", "")
+
+
 def test_build_reports_size_and_warns_over_the_pages_limit(tmp_path, tiny_checkpoint, hostile_images, paths,
                                                             capsys, monkeypatch):
     """The build says how big the site is, and warns (still succeeding) past GitHub Pages' limit."""
