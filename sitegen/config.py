@@ -178,7 +178,9 @@ class OcclusionConfig:
     stride: int = 0
     """Step in pixels between occluder positions; 0 uses 1/12 of the shorter side (about 12×12 positions)."""
     layer: str = ""
-    """Layer whose strongest channel map (c) follows; empty uses the last discovered layer."""
+    """Layer whose strongest channel map (c) follows; empty uses the last discovered layer: the last
+    convolution's output, or for a residual network the last block's output (that convolution's
+    branch plus the shortcut, after the activation), which is the feature map the classifier pools."""
     batch_size: int = 0
     """Occluded copies per forward pass; 0 uses 256 (64 for inputs over 64×64 px on the CPU)."""
 

@@ -245,6 +245,8 @@ def _title(dom: str) -> str:
 @pytest.fixture(scope="module")
 def chromium(tmp_path_factory):
     if not CHROMIUM.is_file():
+        if os.environ.get("SITEGEN_REQUIRE_BROWSER"):  # set by .ci/run
+            pytest.fail(f"SITEGEN_REQUIRE_BROWSER is set but there is no Chromium at {CHROMIUM}")
         pytest.skip(f"no Chromium at {CHROMIUM}")
     profile = tmp_path_factory.mktemp("chromium-profile")
     return lambda page: _dump_dom(page, profile)

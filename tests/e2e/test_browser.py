@@ -25,6 +25,8 @@ import pytest
 
 CHROMIUM = Path(os.environ.get("SITEGEN_CHROMIUM", "/usr/bin/chromium"))
 if not CHROMIUM.is_file():
+    if os.environ.get("SITEGEN_REQUIRE_BROWSER"):  # set by .ci/run: CI must not pass without them
+        raise RuntimeError(f"SITEGEN_REQUIRE_BROWSER is set but there is no Chromium at {CHROMIUM}")
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium) for the browser tests",
                 allow_module_level=True)
 sync_api = pytest.importorskip(
