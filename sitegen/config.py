@@ -64,7 +64,8 @@ class TopKConfig:
     k: int = 9
     """How many distinct images to keep per channel."""
     batch_size: int = 0
-    """Images per forward pass; 0 picks one from the model's memory use."""
+    """Images per forward pass; 0 picks one from the model's memory use and the free memory (at most
+    64 on the CPU, 256 on a GPU)."""
     checkpoint_every: int = 4096
     """Write the running state every N images so a killed build resumes (0 = never)."""
     precision: str = "fp32"
@@ -90,7 +91,8 @@ class AttributionConfig:
     methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
     """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
     batch_size: int = 0
-    """(image, unit) pairs per forward+backward; 0 picks 64 on the CPU, 256 on a GPU."""
+    """(image, unit) pairs per forward+backward; 0 picks one from the model's memory use and the free
+    memory (at most 64 on the CPU, 256 on a GPU)."""
     max_side: int = 64
     """Stored attribution crops are at most this many pixels wide (larger windows are shrunk)."""
 

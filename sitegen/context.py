@@ -24,6 +24,28 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process's tensors now: the GPU's free memory, else the system's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # unknown: assume a small machine
+
+
+MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
+"""Share of the free memory one batch may take: leaves room for the model, the decoded images,
+the results and (on the CPU) everything else the machine runs."""
+
+
 def default_workers() -> int:
     """DataLoader decoding processes: none on tiny machines, where they only compete with compute."""
     cpus = os.cpu_count() or 1
@@ -80,10 +102,21 @@ class BuildContext:
         }
 
     def batch_size(self, requested: int = 0) -> int:
+        """``requested``, or the largest batch up to 256 on a GPU / 64 on the CPU (where per-image
+        time bottoms out on 2 cores, measured in bench/) whose feature maps fit in a share of the
+        free memory: a ResNet-50 at 224 px gets smaller batches than a CIFAR ResNet."""
         if requested:
             return requested
-        # 64 is where per-image time bottoms out on 2 CPU cores (measured in bench/); GPUs take more.
-        return 256 if self.device.type == "cuda" else 64
+        cap = 256 if self.device.type == "cuda" else 64
+        budget = available_memory(self.device) * MEMORY_SHARE.get(self.device.type, 0.25)
+        return int(max(1, min(cap, budget // max(1, self.bytes_per_image()))))
+
+    def bytes_per_image(self) -> int:
+        """Memory one image's pass may hold: every discovered layer's float32 output, three times
+        (a backward keeps the activations, their gradients and the ReLU masks), which bounds the
+        attribution and feature-vis passes; the dataset pass holds far less."""
+        return 3 * 4 * sum(int(torch.Size(l.shape).numel()) for l in self.all_layers) + 3 * 4 * \
+            self.input_size[0] * self.input_size[1]
 
     def batches(self, indices: Sequence[int] | None = None, batch_size: int = 0) -> Iterator[Batch]:
         """Decoded, normalised batches in index order (failures flagged, never raised)."""

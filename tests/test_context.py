@@ -1,0 +1,35 @@
+"""BuildContext.batch_size: the requested size, else one that fits the free memory."""
+from __future__ import annotations
+
+import torch
+
+import sitegen.context as context_mod
+from sitegen.build import prepare
+from sitegen.config import from_dict
+
+
+def _ctx(tmp_path, make_images, tiny_checkpoint, paths):
+    make_images(tmp_path / "imgs", 4, size=16, classes=1)
+    return prepare(tiny_checkpoint, tmp_path / "imgs", from_dict({"model": {"arch": paths["tiny_arch"]}}), None)
+
+
+def test_batch_size_fits_the_free_memory(tmp_path, make_images, tiny_checkpoint, paths, monkeypatch):
+    ctx = _ctx(tmp_path, make_images, tiny_checkpoint, paths)
+    per_image = ctx.bytes_per_image()
+    # Independently: 3 float32 copies of every discovered layer's output and of the input.
+    expected = 12 * (sum(c * h * w for c, h, w in (l.shape for l in ctx.all_layers)) + 16 * 16)
+    assert per_image == expected
+    assert ctx.batch_size(7) == 7  # an explicit size always wins
+
+    monkeypatch.setattr(context_mod, "available_memory", lambda device: 10 ** 12)
+    assert ctx.batch_size() == (256 if ctx.device.type == "cuda" else 64)  # capped
+    share = context_mod.MEMORY_SHARE[ctx.device.type]
+    monkeypatch.setattr(context_mod, "available_memory", lambda device: int(10 * per_image / share))
+    assert ctx.batch_size() == 10
+    monkeypatch.setattr(context_mod, "available_memory", lambda device: 0)
+    assert ctx.batch_size() == 1  # never zero
+
+
+def test_available_memory_is_plausible():
+    free = context_mod.available_memory(torch.device("cpu"))
+    assert 1 << 20 < free < 1 << 50
