@@ -361,3 +361,32 @@ def test_copy_link(browser, base):
         page.wait_for_function("document.querySelector('.copy-link').textContent === 'copied'")
         assert page.evaluate("navigator.clipboard.readText()") == url
     watch.check()
+
+
+def test_image_pages_have_stable_names_and_walk(browser, base, site: Path):
+    """t-SNE scatter → an image page named after its file (not its index) → the next image by key."""
+    from sitegen.render.views.image_pages import image_url
+
+    if not (site / "tsne/index.html").is_file():
+        pytest.skip("no t-SNE view in this build")
+    page, watch = new_page(browser, base)
+    page.goto(base + "tsne/index.html")
+    first = page.locator("svg.tsne-scatter a[data-j]").first
+    rel = first.get_attribute("data-name")
+    href = first.get_attribute("href")
+    assert href == f"../{image_url(rel)}"
+    assert re.fullmatch(r"\.\./images/[A-Za-z0-9._-]+-[0-9a-f]{8}\.html", href), href
+    page.goto(base + image_url(rel))
+    assert page.locator("h1").inner_text() == rel
+    assert check_images(page) >= 1
+    screenshot(page, f"{mode(base)}-7-image")
+    pages = sorted((site / "images").glob("*.html"))
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+-[0-9a-f]{8}\.html", p.name) for p in pages)
+    nxt = page.locator('a[rel="next"]')
+    if nxt.count():
+        want = nxt.evaluate("a => a.href")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_url(want)
+        assert re.search(r"/images/[A-Za-z0-9._-]+-[0-9a-f]{8}\.html$", page.url), page.url
+        check_images(page)
+    watch.check()

@@ -26,7 +26,8 @@ from sitegen.passes.topk import TopKPass
 from sitegen.passes.tsne import TsnePass
 from sitegen.render.colormap import overlay, upscale, viridis
 from sitegen.render.site import RenderOptions, render
-from sitegen.render.views.image_pages import display_factor
+from sitegen.render.views.activations import activations_url
+from sitegen.render.views.image_pages import display_factor, image_url, picture_url
 
 CLASSES = ["c0", "c<1>", 'c"2']  # folder names a page must show as text
 
@@ -93,7 +94,10 @@ def test_pages_exist_and_every_local_reference_resolves(site):
     assert len(occ_ids) == 6 and len(tsne_ids) == 24
     expected = ["occlusion/index.html", "tsne/index.html", "tsne/grid.html", "kernels/index.html",
                 "kernels/conv1/0.html", "kernels/conv2/0.html", "kernels/conv2/1.html", "activations/index.html"]
-    expected += [f"activations/{n}.html" for n in occ_ids] + [f"images/{n}.html" for n in set(occ_ids + tsne_ids)]
+    rel = lambda n: ctx.images.records[n].rel  # noqa: E731
+    expected += [activations_url(rel(n)) for n in occ_ids] + [image_url(rel(n)) for n in set(occ_ids + tsne_ids)]
+    assert all(re.fullmatch(r"images/[A-Za-z0-9._-]+\.html", image_url(rel(n))) for n in tsne_ids)
+    assert len(list(out.glob("images/*.html"))) == len(set(occ_ids + tsne_ids))
     for page in expected:
         assert (out / page).is_file(), page
     index = parse(out / "index.html")
@@ -131,7 +135,7 @@ def test_scatter_has_one_linked_point_per_image(site):
     points = [a for tag, a in refs.tags if tag == "a" and "data-j" in a]
     ids = results["tsne"].arrays["images"].tolist()
     assert [int(a["data-j"]) for a in points] == list(range(len(ids)))
-    assert [a["href"] for a in points] == [f"../images/{n}.html" for n in ids]
+    assert [a["href"] for a in points] == [f"../{image_url(ctx.images.records[n].rel)}" for n in ids]
     assert sum(1 for tag, _ in refs.tags if tag == "circle") == len(ids)
     grid = parse(out / "tsne/grid.html")
     assert sum(1 for tag, a in grid.tags if tag == "a" and a.get("href", "").startswith("../images/")) == 16
@@ -160,9 +164,27 @@ def test_activation_grid_marks_never_active_maps(site):
     for li in range(2):
         picture = np.asarray(Image.open(out / f"img/activations/{n}/L{li}.png").convert("RGB"))
         never = a[f"L{li}.max"][0] <= 0
-        page = (out / f"activations/{n}.html").read_text(encoding="utf-8")
+        page = (out / activations_url(ctx.images.records[n].rel)).read_text(encoding="utf-8")
         if never.any():
             assert (picture == [200, 30, 30]).all(-1).any()
             assert "never active" in page
         else:
             assert not (picture == [200, 30, 30]).all(-1).any()
+
+
+def test_image_pages_link_each_other_by_name_and_keep_the_image(site):
+    """Prev/next, the activation page and the image page all use the stable names (no index)."""
+    out, ctx, results = site
+    ids = sorted(set(results["occlusion"].arrays["images"].tolist()) | set(results["tsne"].arrays["images"].tolist()))
+    urls = [image_url(ctx.images.records[n].rel) for n in ids]
+    for pos, (n, url) in enumerate(zip(ids, urls)):
+        refs = parse(out / url)
+        rels = {a.get("rel"): a["href"] for tag, a in refs.tags if tag == "a" and a.get("rel") in ("prev", "next")}
+        if pos > 0:
+            assert rels["prev"] == f"../{urls[pos - 1]}"
+        if pos + 1 < len(ids):
+            assert rels["next"] == f"../{urls[pos + 1]}"
+        assert f"../{picture_url(ctx.images.records[n].rel)}" in refs.urls
+    for n in results["activations"].arrays["images"].tolist():
+        page = parse(out / activations_url(ctx.images.records[n].rel))
+        assert f"../{image_url(ctx.images.records[n].rel)}" in page.urls

@@ -1,5 +1,6 @@
-"""Activation maps: for each sample image (``activations/<n>.html``), every selected layer's feature
-maps as a grid of small pictures, channel c at row c // columns, column c % columns.
+"""Activation maps: for each sample image (``activations/<name>.html``, the name of its image page,
+see ``image_pages.image_name``), every selected layer's feature maps as a grid of small pictures,
+channel c at row c // columns, column c % columns.
 
 Each layer's maps share one scale for that image: v = clip(a / M, 0, 1) with M the largest value
 of any of the layer's maps for the image, drawn in viridis (so negative values, e.g. a convolution's
@@ -15,12 +16,18 @@ import numpy as np
 
 from ..colormap import upscale, viridis
 from . import View
-from .image_pages import display_factor, image_url, picture_url, save_png, usable
+from .image_pages import display_factor, image_name, image_url, picture_url, save_png, usable
 
 GAP = 2
 DEAD_FRAME = np.array([200, 30, 30], dtype=np.uint8)
 LISTED = 48
 """Never-active channels named on a page per layer (the rest counted)."""
+
+
+def activations_url(rel: str) -> str:
+    """The activation-maps page of the image at ``rel``, relative to the site root: named like its
+    image page, so it too keeps its address when other images come or go."""
+    return f"activations/{image_name(rel)}.html"
 
 
 def picture_path(n: int, li: int) -> str:
@@ -65,8 +72,9 @@ class ActivationsView(View):
         factor = display_factor(ctx.input_size)
         h, w = ctx.input_size
         crumbs = [("index.html", "atlas")]
-        gallery = [{"url": f"{n}.html", "src": f"../{picture_url(n)}", "name": ctx.images.records[n].rel,
-                    "label": ctx.images.label_name(n)} for n in ids]
+        rels = [ctx.images.records[n].rel for n in ids]
+        gallery = [{"url": f"../{activations_url(rel)}", "src": f"../{picture_url(rel)}", "name": rel,
+                    "label": ctx.images.label_name(n)} for n, rel in zip(ids, rels)]
         pages = [Page("activations/index.html", "activations.html",
                       {"gallery": gallery, "width": w * factor, "height": h * factor, "layers": len(m["layers"])},
                       title=f"Activation maps · {opts.title}", crumbs=crumbs)]
@@ -82,13 +90,14 @@ class ActivationsView(View):
                     "never": len(never), "never_list": never[:LISTED].tolist(), "channels": len(mx),
                     "pooled": list(a[f"L{li}.maps"].shape[2:]) if list(a[f"L{li}.maps"].shape[2:]) != shape[1:] else None,
                 })
-            pages.append(Page(f"activations/{n}.html", "activations_image.html", {
-                "n": n, "name": ctx.images.records[n].rel, "label": ctx.images.label_name(n),
-                "src": f"../{picture_url(n)}", "image_url": f"../{image_url(n)}",
+            rel = rels[s]
+            pages.append(Page(activations_url(rel), "activations_image.html", {
+                "n": n, "name": rel, "label": ctx.images.label_name(n),
+                "src": f"../{picture_url(rel)}", "image_url": f"../{image_url(rel)}",
                 "width": w * factor, "height": h * factor, "layers": layers, "bar": "../img/colorbar.png",
-                "prev": f"{ids[s - 1]}.html" if s > 0 else None,
-                "next": f"{ids[s + 1]}.html" if s + 1 < len(ids) else None,
-            }, title=f"Activation maps of {ctx.images.records[n].rel} · {opts.title}",
+                "prev": f"../{activations_url(rels[s - 1])}" if s > 0 else None,
+                "next": f"../{activations_url(rels[s + 1])}" if s + 1 < len(ids) else None,
+            }, title=f"Activation maps of {rel} · {opts.title}",
                 crumbs=crumbs + [("activations/index.html", "activation maps")]))
         return pages
 

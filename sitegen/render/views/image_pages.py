@@ -1,4 +1,4 @@
-"""A page per image that a whole-model view looks at (``images/<n>.html``, n = the image's index).
+"""A page per image that a whole-model view looks at (``images/<name>.html``, see ``image_name``).
 
 The images are the occlusion and activation samples and the t-SNE points (so the scatter's points
 open a page), bounded by ``samples.max_images`` + ``tsne.max_points``.  Each page shows the image,
@@ -7,8 +7,11 @@ colour bars and a class legend), a link to its activation maps, its place in the
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +26,47 @@ DISPLAY = 192
 """Images are shown at least this many CSS pixels wide (CIFAR's 32 px are enlarged, pixelated)."""
 
 
-def image_url(n: int) -> str:
-    return f"images/{n}.html"
+SLUG_MAX = 60
+"""Most characters of the readable part of an image's name (the whole name stays under 80)."""
+HASH_LEN = 8
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]+")
 
 
-def picture_url(n: int) -> str:
-    return f"img/images/{n}.jpg"
+def image_name(rel: str) -> str:
+    """The stable, file-name-safe name of an image's page and pictures, from its path relative to
+    the images folder: a readable slug plus a short hash of the exact path, e.g. ``dog/0001.jpg`` ->
+    ``dog-0001-jpg-3f2a9c1e``.
+
+    It depends on the path alone, not on the image's index, so adding or removing other images
+    never moves a page (permalinks survive rebuilds).  The hash (sha256 of the path's UTF-8 bytes,
+    surrogate escapes as the original bytes) keeps paths apart that the slug cannot tell apart
+    (``a b.jpg`` / ``a_b.jpg``, case, non-ASCII, truncation).  Only ``[A-Za-z0-9-]``, never empty,
+    never starting with a dot, at most SLUG_MAX + 1 + HASH_LEN characters.
+    """
+    if not isinstance(rel, str):
+        raise TypeError(f"image_name takes the image's relative path, not {type(rel).__name__}")
+    try:
+        raw = rel.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (not from os.walk)
+        raw = rel.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).hexdigest()[:HASH_LEN]
+    ascii_text = unicodedata.normalize("NFKD", rel).encode("ascii", "ignore").decode("ascii")
+    slug = _NOT_ALNUM.sub("-", ascii_text).strip("-")
+    if len(slug) > SLUG_MAX:  # keep the start (class folder) and the end (file name)
+        head, tail = SLUG_MAX // 3, SLUG_MAX - SLUG_MAX // 3 - 2
+        slug = f"{slug[:head].rstrip('-')}--{slug[-tail:].lstrip('-')}"
+    return f"{slug or 'image'}-{digest}"
+
+
+def image_url(rel: str) -> str:
+    """The image page of the image at ``rel`` (its path relative to the images folder), relative to
+    the site root.  Every link to an image page goes through here."""
+    return f"images/{image_name(rel)}.html"
+
+
+def picture_url(rel: str) -> str:
+    """The image as the pages show it (a JPEG), relative to the site root."""
+    return f"img/images/{image_name(rel)}.jpg"
 
 
 def display_factor(input_size: tuple[int, int]) -> int:
@@ -95,13 +133,16 @@ class ImagePagesView(View):
         factor = display_factor(ctx.input_size)
         h, w = ctx.input_size
         pages = []
+        rels = [ctx.images.records[n].rel for n in ids]
+        urls = [image_url(rel) for rel in rels]
         for pos, n in enumerate(ids):
+            rel = rels[pos]
             context: dict[str, Any] = {
-                "n": n, "rel": ctx.images.records[n].rel, "name": ctx.images.records[n].rel.rsplit("/", 1)[-1],
-                "label": ctx.images.label_name(n), "src": f"../{picture_url(n)}",
+                "n": n, "rel": rel, "name": rel.rsplit("/", 1)[-1],
+                "label": ctx.images.label_name(n), "src": f"../{picture_url(rel)}",
                 "width": w * factor, "height": h * factor,
-                "prev": f"{ids[pos - 1]}.html" if pos > 0 else None,
-                "next": f"{ids[pos + 1]}.html" if pos + 1 < len(ids) else None,
+                "prev": f"../{urls[pos - 1]}" if pos > 0 else None,
+                "next": f"../{urls[pos + 1]}" if pos + 1 < len(ids) else None,
                 "position": pos + 1, "count": len(ids),
                 "top": [], "occlusion": None, "activations": None, "tsne": None,
             }
@@ -116,15 +157,15 @@ class ImagePagesView(View):
                 context["tsne"] = {"url": f"../tsne/index.html#p{j}", "agree_map": float(r.arrays["agree_map"][j]),
                                    "agree_codes": float(r.arrays["agree_codes"][j]), "k": r.meta["neighbours"]}
             if n in act:
-                context["activations"] = {"url": f"../activations/{n}.html"}
-            title = ctx.images.records[n].rel
-            pages.append(Page(image_url(n), "image_page.html", context, title=f"{title} · {opts.title}",
+                from .activations import activations_url
+                context["activations"] = {"url": f"../{activations_url(rel)}"}
+            pages.append(Page(urls[pos], "image_page.html", context, title=f"{rel} · {opts.title}",
                               crumbs=[("index.html", "atlas")]))
         return pages
 
     def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
         for n in self.image_ids(results):
-            save_jpeg(safe_pixels(ctx, n), out / picture_url(n))
+            save_jpeg(safe_pixels(ctx, n), out / picture_url(ctx.images.records[n].rel))
 
 
 def _index(results: dict, name: str) -> dict[int, int]:

@@ -65,7 +65,7 @@ class OcclusionView(View):
             target = int(a["target"][s])
             top1 = int(a["top_classes"][s][0])
             items.append({
-                "url": f"../{image_url(n)}", "src": f"../{map_urls(n)['prob']}", "name": ctx.images.records[n].rel,
+                "url": f"../{image_url(ctx.images.records[n].rel)}", "src": f"../{map_urls(n)['prob']}", "name": ctx.images.records[n].rel,
                 "label": ctx.images.label_name(n), "target": names[target], "base_prob": float(a["base_prob"][s]),
                 "top1": names[top1], "top1_prob": float(a["top_probs"][s][0]), "min_prob": float(a["prob"][s].min()),
             })

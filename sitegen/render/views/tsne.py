@@ -77,7 +77,7 @@ class TsneView(View):
         ids = a["images"].tolist()
         points = [{"j": j, "x": round(float(pos[j, 0]), 1), "y": round(float(pos[j, 1]), 1),
                    "colour": colours[int(c) % len(colours)], "label": _name(names, int(c)),
-                   "name": ctx.images.records[n].rel, "url": f"../{image_url(n)}"}
+                   "name": ctx.images.records[n].rel, "url": f"../{image_url(ctx.images.records[n].rel)}"}
                   for j, (n, c) in enumerate(zip(ids, a["classes"].tolist()))]
         legend = [{"name": _name(names, row["class"]), "colour": colours[row["class"] % len(colours)],
                    "count": row["count"], "map": row["map"], "codes": row["codes"]} for row in m["per_class"]]
@@ -91,7 +91,7 @@ class TsneView(View):
         cells: list[dict[str, Any] | None] = [None] * (side * side)
         for p, c in zip(a["grid_points"].tolist(), a["grid_cells"].tolist()):
             n = ids[p]
-            cells[c] = {"url": f"../{image_url(n)}", "name": ctx.images.records[n].rel,
+            cells[c] = {"url": f"../{image_url(ctx.images.records[n].rel)}", "name": ctx.images.records[n].rel,
                         "label": _name(names, int(a["classes"][p]))}
         grid = {"side": side, "cell": cell, "src": f"../{GRID}", "cells": cells, "count": len(a["grid_points"]),
                 "points": len(ids), "colour_by": m["colour_by"]}
