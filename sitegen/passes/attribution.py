@@ -50,7 +50,7 @@ from ..distributed import gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..render.patches import GREY, PixelCache, display_box, resize_square
-from .base import AnalysisPass, Result
+from .base import AnalysisPass, ItemStore, Result
 
 PERCENTILE = 99.0
 """Per-image scale of the display normalisation (``normalise_for_display``'s default)."""
@@ -151,14 +151,24 @@ class AttributionPass(AnalysisPass):
         # and rank 0 gathers the crops (one process takes them all).
         items = [(p, slice(start, start + batch)) for p in plans for start in range(0, len(p), batch)]
         mine = ctx.dist.items(len(items))
+        store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         total = sum(len(items[i][0].c[items[i][1]]) for i in mine) * len(methods)
         with progress.bar("attribution", total, "units") as advance:
             for i in mine:
                 plan, s = items[i]
-                self._batch(ctx, plan, s, methods, pixels, out[plan.index])
-                advance(len(plan.c[s]) * len(methods))
+                o, cs, js = out[plan.index], plan.c[s], plan.j[s]
+                saved = store.load(i, methods)
+                want = (len(cs), plan.side, plan.side, 3)
+                if saved is not None and all(v.shape == want and v.dtype == np.uint8 for v in saved.values()):
+                    for m in methods:
+                        o[m][cs, js] = saved[m]
+                else:
+                    self._batch(ctx, plan, s, methods, pixels, o)
+                    store.save(i, {m: o[m][cs, js] for m in methods})
+                advance(len(cs) * len(methods))
         if ctx.dist.active:
             self._gather(items, mine, methods, out)
+        store.clear(mine)
         arrays = {f"L{li}.{m}": out[li][m] for li in out for m in methods}
         meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
                 "windows": [p.window for p in plans], "sides": [p.side for p in plans],

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,6 +101,56 @@ class Cache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ItemStore:
+    """Each finished work item of a pass, saved as ``item<i>.npz`` under ``ctx.scratch``.
+
+    Why: feature visualisation and attribution are long lists of independent batches; a build
+    killed part-way should not redo the batches it had finished.  One small file per item (not per
+    image) keeps the cost negligible beside computing it.  The folder is named by the pass's cache
+    key, so only the identical pass reads the files back; item indices are global, so the ranks of
+    a torchrun job never share a file.  Arrays only, written atomically (temporary file and
+    ``os.replace``), loaded without pickle; a damaged file reads as missing and the item is
+    recomputed.  ``folder`` None (no cache) stores nothing.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"item{int(i)}.npz"
+
+    def load(self, i: int, keys: list[str]) -> dict[str, np.ndarray] | None:
+        """Item ``i``'s arrays ``keys``, or None when it is not saved or cannot be read."""
+        if self.folder is None or not self._path(i).is_file():
+            return None
+        try:
+            with np.load(self._path(i), allow_pickle=False) as z:
+                return {k: z[k] for k in keys}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+
+    def save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".item{int(i)}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self._path(i))  # a kill leaves the whole file or none
+
+    def clear(self, indices) -> None:
+        """Remove these items' files (once the pass has its result), and the folder when empty."""
+        if self.folder is None:
+            return
+        for i in indices:
+            for path in (self._path(i), self.folder / f".item{int(i)}.tmp"):
+                path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # other files remain (another rank's, or another kind of checkpoint)
 
 
 def _all_ranks(flag: bool) -> bool:

@@ -50,7 +50,7 @@ from ..distributed import gather_to_main
 from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
 from ..model_loading import logits
-from .base import AnalysisPass, Result
+from .base import AnalysisPass, ItemStore, Result
 
 REDIRECT_FRACTION = 0.25
 """Share of the steps (the first ones) run with redirected ReLU gradients."""
@@ -367,14 +367,18 @@ class FeatureVisPass(AnalysisPass):
                  for li, info in enumerate(ctx.layers) for lo in range(0, info.channels, bs)]
         items += [("classes", None, list(range(lo, min(lo + bs, n_classes)))) for lo in range(0, n_classes or 0, bs)]
         mine = ctx.dist.items(len(items))
+        store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         done: dict[int, AscentResult] = {}
         with progress.bar("feature visualisation", sum(len(items[i][2]) for i in mine), "images") as advance:
             for i in mine:
                 prefix, info, units = items[i]
-                if info is None:
-                    done[i] = visualise_classes(ctx.net, units, a, device=ctx.device)
-                else:
-                    done[i] = visualise_channels(ctx.net, info.name, units, a, device=ctx.device)
+                done[i] = _load_item(store, i, len(units), a)
+                if done[i] is None:
+                    if info is None:
+                        done[i] = visualise_classes(ctx.net, units, a, device=ctx.device)
+                    else:
+                        done[i] = visualise_channels(ctx.net, info.name, units, a, device=ctx.device)
+                    store.save(i, {k: getattr(done[i], k) for k in _ITEM_FIELDS})
                 advance(len(units))
         if ctx.dist.active:
             gathered = gather_to_main(done)
@@ -385,7 +389,23 @@ class FeatureVisPass(AnalysisPass):
         if n_classes:
             _store(arrays, "classes", [done[i] for i, item in enumerate(items) if item[0] == "classes" and i in done], a)
             meta["classes"] = n_classes
+        store.clear(mine)
         return Result(meta=meta, arrays=arrays)
+
+
+_ITEM_FIELDS = ("images", "objective", "start")
+"""The :class:`AscentResult` arrays the pass keeps, saved per work item."""
+
+
+def _load_item(store: ItemStore, i: int, n: int, a: Ascent) -> AscentResult | None:
+    """Work item ``i`` (``n`` images) as saved by an earlier, interrupted run, or None."""
+    arrays = store.load(i, list(_ITEM_FIELDS))
+    if arrays is None:
+        return None
+    want = {"images": ((n, *a.size, 3), np.uint8), "objective": ((n,), np.float32), "start": ((n,), np.float32)}
+    if any(arrays[k].shape != shape or arrays[k].dtype != dtype for k, (shape, dtype) in want.items()):
+        return None
+    return AscentResult(**arrays)
 
 
 def logit_count(model: nn.Module, a: Ascent, device: torch.device) -> tuple[int, str]:

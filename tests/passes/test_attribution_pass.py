@@ -169,3 +169,68 @@ def test_default_passes_run_it_after_topk_unless_disabled():
     assert names.index("attribution") == names.index("topk") + 1
     off = [p.name for p in default_passes(from_dict({"attribution": {"enabled": False}}))]
     assert "attribution" not in off
+
+
+@pytest.fixture(scope="module")
+def small(built):
+    """One layer, two methods, batches of 16 pairs: 64 units in 4 work items; and the result of an
+    uninterrupted run without scratch."""
+    ctx, _ = built
+    topk = ctx.results["topk"]
+    sub = Result(meta={**topk.meta, "layers": ["layer1.0.conv1"]},
+                 arrays={f"L0.{k}": topk.arrays[f"L0.{k}"] for k in ("values", "images", "y", "x")})
+    ctx2 = dataclasses.replace(ctx, results={"topk": sub}, scratch=None)
+    p = AttributionPass(AttributionConfig(methods=("guided", "gradient"), batch_size=16))
+    return ctx2, p, p.run(ctx2)
+
+
+def _count_batches(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """The first pair index of every batch the pass computes; raises after ``fail_after`` batches."""
+    calls: list[int] = []
+    real = AttributionPass._batch
+
+    def wrapped(self, ctx, plan, s, *args):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise RuntimeError("killed")
+        calls.append(s.start)
+        return real(self, ctx, plan, s, *args)
+
+    monkeypatch.setattr(AttributionPass, "_batch", wrapped)
+    return calls
+
+
+def _assert_same(a, b):
+    assert a.meta == b.meta and set(a.arrays) == set(b.arrays)
+    for key in a.arrays:
+        assert a.arrays[key].dtype == b.arrays[key].dtype and np.array_equal(a.arrays[key], b.arrays[key]), key
+
+
+def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
+    ctx, p, whole = small
+    ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    with monkeypatch.context() as m:
+        _count_batches(m, fail_after=2)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    assert sorted(f.name for f in ctx.scratch.iterdir()) == ["item0.npz", "item1.npz"]
+    calls = _count_batches(monkeypatch)
+    resumed = p.run(ctx)
+    assert calls == [32, 48]  # only the batches not finished before the kill
+    _assert_same(resumed, whole)
+    assert not ctx.scratch.exists()
+
+
+def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
+    ctx, p, whole = small
+    ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    with monkeypatch.context() as m:
+        _count_batches(m, fail_after=3)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    data = (ctx.scratch / "item0.npz").read_bytes()
+    (ctx.scratch / "item0.npz").write_bytes(data[: len(data) // 2])  # truncated by a crash
+    calls = _count_batches(monkeypatch)
+    resumed = p.run(ctx)
+    assert calls == [0, 48]
+    _assert_same(resumed, whole)
+    assert not ctx.scratch.exists()

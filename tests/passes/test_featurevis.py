@@ -231,3 +231,69 @@ def test_class_images_from_a_tuple_output():
         z = model(x)[0]
     np.testing.assert_allclose(r.objective, [z[0, 0], z[1, 1]], rtol=1e-4, atol=1e-5)
     assert np.all(r.objective > r.start)
+
+
+def _counting(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Count the pass's per-item computations; with ``fail_after`` raise once that many have run
+    (a build killed part-way)."""
+    calls: list[str] = []
+    for name in ("visualise_channels", "visualise_classes"):
+        real = getattr(fv, name)
+
+        def wrapped(*args, _real=real, _name=name, **kw):
+            if fail_after is not None and len(calls) >= fail_after:
+                raise RuntimeError("killed")
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(fv, name, wrapped)
+    return calls
+
+
+@pytest.fixture
+def fv_ctx(tmp_path, tiny_checkpoint, make_images, paths):
+    make_images(tmp_path / "imgs", 6, size=16, classes=3)
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "featurevis": {"steps": 4, "batch_size": 3}})
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    # Items: conv1 (4 channels) in 2 batches, conv2 (5) in 2, the 3 classes in 1.
+    return ctx, FeatureVisPass(cfg.featurevis), FeatureVisPass(cfg.featurevis).run(ctx)
+
+
+def _same(a, b):
+    assert a.meta == b.meta
+    assert set(a.arrays) == set(b.arrays)
+    for key in a.arrays:
+        assert a.arrays[key].dtype == b.arrays[key].dtype, key
+        assert np.array_equal(a.arrays[key], b.arrays[key]), key
+
+
+def test_pass_resumes_finished_items_after_a_kill(fv_ctx, tmp_path, monkeypatch):
+    ctx, p, whole = fv_ctx
+    ctx.scratch = tmp_path / "featurevis-key.partial"
+    with monkeypatch.context() as m:
+        _counting(m, fail_after=3)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    assert sorted(f.name for f in ctx.scratch.iterdir()) == ["item0.npz", "item1.npz", "item2.npz"]
+    calls = _counting(monkeypatch)
+    resumed = p.run(ctx)
+    assert calls == ["visualise_channels", "visualise_classes"]  # items 3 and 4 only
+    _same(resumed, whole)
+    assert not ctx.scratch.exists()  # the item files are removed once the result is made
+
+
+def test_a_damaged_item_file_is_recomputed(fv_ctx, tmp_path, monkeypatch):
+    ctx, p, whole = fv_ctx
+    ctx.scratch = tmp_path / "featurevis-key.partial"
+    with monkeypatch.context() as m:
+        _counting(m, fail_after=4)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    data = (ctx.scratch / "item1.npz").read_bytes()
+    (ctx.scratch / "item1.npz").write_bytes(data[: len(data) // 2])  # truncated by a crash
+    (ctx.scratch / "item2.npz").write_bytes(b"not an npz file")
+    calls = _counting(monkeypatch)
+    resumed = p.run(ctx)
+    assert calls == ["visualise_channels", "visualise_channels", "visualise_classes"]  # items 1, 2, 4
+    _same(resumed, whole)
+    assert not ctx.scratch.exists()
