@@ -191,3 +191,8 @@ def test_images_the_dataset_pass_cannot_use_are_named_on_the_terminal(tmp_path, 
     assert any("truncated.png" in w for w in warnings), err
     assert any("wide.png" in w and "20×16" in w for w in warnings), err
     assert "from 8 images (2 skipped)" in err
+    # The index page and atlas.json list each once, path beside reason (not repeated inside it).
+    skipped = {e["path"]: e["reason"] for e in json.loads((tmp_path / "site" / "data" / "atlas.json")
+                                                          .read_text())["data"]["skipped"]}
+    assert skipped["c1/wide.png"].startswith("size 20×16") and "\n" not in skipped["c1/wide.png"]
+    assert "truncated.png" not in skipped["c0/truncated.png"]

@@ -132,12 +132,20 @@ def relative_root(path: str) -> str:
 
 # ---------------------------------------------------------------- collect
 
+def _reason(rel: str, message: str) -> str:
+    """A decoding failure's message as listed beside its path: without the path it starts with
+    (the terminal needs it, the list has it already) and with the hint on the same line."""
+    head = f"{rel}: "
+    message = message[len(head):] if message.startswith(head) else message
+    return message.replace("\n  hint: ", " — ")
+
+
 def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
     """The machine-readable atlas (``data/atlas.json``, schema in docs/atlas-json.md)."""
     failed = set(int(i) for i in topk.arrays["failed"])
     # shown(): file and folder names may hold bytes that are not UTF-8; pages and JSON must stay UTF-8.
     skipped = [{"path": shown(p), "reason": shown(r)} for p, r in ctx.images.skipped]
-    skipped += [{"path": shown(ctx.images.records[i].rel), "reason": shown(reason)}
+    skipped += [{"path": shown(ctx.images.records[i].rel), "reason": shown(_reason(ctx.images.records[i].rel, reason))}
                 for i, reason in zip(topk.arrays["failed"].tolist(), topk.meta["failed_reasons"])]
     layers = []
     for li, info in enumerate(ctx.layers):
