@@ -234,3 +234,19 @@ def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
     assert calls == [0, 48]
     _assert_same(resumed, whole)
     assert not ctx.scratch.exists()
+
+
+def test_items_saved_with_another_batch_size_are_not_reused(small, tmp_path, monkeypatch):
+    """The default batch size follows the free memory, so a resumed run may cut its batches
+    differently: item 1 of batches of 16 (pairs 16-31) must not be taken for item 1 of batches of 24."""
+    ctx, p, whole = small
+    ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    with monkeypatch.context() as m:
+        _count_batches(m, fail_after=3)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    other = AttributionPass(AttributionConfig(methods=("guided", "gradient"), batch_size=24))
+    calls = _count_batches(monkeypatch)
+    resumed = other.run(ctx)
+    assert calls == [0, 24, 48]  # nothing matched a saved span: all recomputed
+    _assert_same(resumed, whole)
