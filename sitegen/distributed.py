@@ -108,6 +108,16 @@ def all_gather_objects(obj):
     return out
 
 
+def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (``t`` itself in one process): for small choices every rank
+    must share, where float ties could be broken differently on different GPUs."""
+    if not current().active:
+        return t
+    local = t.to(comm_device()).clone().contiguous()
+    dist.broadcast(local, src=0)
+    return local.to(t.device)
+
+
 def gather_to_main(obj):
     """Every rank's ``obj`` on rank 0, in rank order (``None`` on the other ranks); ``[obj]`` in a
     single process.  The objects travel pickled between this job's own ranks only: never a file,

@@ -28,7 +28,7 @@ import torch
 from .. import progress
 from ..config import OcclusionConfig, SamplesConfig
 from ..context import BuildContext
-from ..distributed import gather_to_main
+from ..distributed import broadcast_from_main, gather_to_main
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
 from ..model_loading import logits
@@ -164,6 +164,8 @@ class OcclusionPass(AnalysisPass):
         labelled = labels_match_outputs(ctx.images, k)
         target = torch.as_tensor(ctx.images.labels[ids], device=probs.device) if labelled else probs.argmax(1)
         channel = torch.cat(maxima).argmax(1)
+        if ctx.dist.active:  # every rank occludes for the same class and channel as rank 0
+            target, channel = broadcast_from_main(target), broadcast_from_main(channel)
         base_total = torch.cat(totals).gather(1, channel[:, None])[:, 0]
         # Every (image, position) pair, in batches that may span images.  The batches are the work
         # items: under torchrun each rank computes its share (every world-th batch) and rank 0
