@@ -239,8 +239,9 @@ class PixelDataset(torch.utils.data.Dataset):
             return torch.zeros((h, w, 3), dtype=torch.uint8), i, str(e)
 
 
-def probe_input(images: ImageList, cfg: DataConfig, tries: int = 50) -> tuple[int, int]:
-    """(H, W) of the first readable image after preprocessing: the model's input size."""
+def probe_input(images: ImageList, cfg: DataConfig, tries: int = 1000) -> tuple[int, int]:
+    """(H, W) of the first readable image after preprocessing: the model's input size.  Looks well
+    past a damaged first batch (a failed decode costs little: sizes are refused from the header)."""
     errors: list[ImageError] = []
     for i in range(min(tries, len(images))):
         try:
