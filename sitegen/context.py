@@ -46,6 +46,21 @@ MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 the results and (on the CPU) everything else the machine runs."""
 
 
+def channels_last_works(model: torch.nn.Module, input_size: tuple[int, int], device: torch.device) -> bool:
+    """Whether ``model`` runs on a channels-last batch.  A model that calls ``.view()`` on a feature
+    map (``x.view(n, -1)`` after VGG's 7×7 maps, common in hand-written models) cannot: its view
+    needs NCHW strides, so such a model must get contiguous batches."""
+    from .hooks import model_guard
+
+    x = torch.zeros((2, 3, *input_size), device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with model_guard(model), torch.no_grad():
+            model(x)
+        return True
+    except RuntimeError:
+        return False
+
+
 def default_workers() -> int:
     """DataLoader decoding processes: none on tiny machines, where they only compete with compute."""
     cpus = os.cpu_count() or 1
@@ -77,11 +92,13 @@ class BuildContext:
     device: torch.device = field(default_factory=default_device)
     workers: int = field(default_factory=default_workers)
     results: dict = field(default_factory=dict)
+    """Results of the passes run so far, by pass name (later passes read earlier ones)."""
     dist: Dist = field(default_factory=current_dist)
     """This process's rank in a torchrun job (rank 0 of 1 otherwise)."""
     scratch: Path | None = None
     """A folder the running pass may use for checkpoints (beside its cache entry); None = no cache."""
-    """Results of the passes run so far, by pass name (later passes read earlier ones)."""
+    _channels_last: bool | None = field(default=None, repr=False)
+    """Cached answer of :attr:`channels_last`."""
 
     @property
     def net(self) -> torch.nn.Module:
@@ -118,6 +135,16 @@ class BuildContext:
         return 3 * 4 * sum(int(torch.Size(l.shape).numel()) for l in self.all_layers) + 3 * 4 * \
             self.input_size[0] * self.input_size[1]
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether batches go to the model channels-last (NHWC): on a GPU, where cuDNN's fastest
+        convolutions take NHWC, and only if the model accepts it (checked once).  On the CPU, NCHW
+        keeps the per-channel reductions of the dataset pass fast (~50x slower on NHWC maps there)."""
+        if self._channels_last is None:
+            self._channels_last = self.device.type == "cuda" and channels_last_works(
+                self.net, self.input_size, self.device)
+        return self._channels_last
+
     def batches(self, indices: Sequence[int] | None = None, batch_size: int = 0) -> Iterator[Batch]:
         """Decoded, normalised batches in index order (failures flagged, never raised)."""
         idx = list(range(len(self.images))) if indices is None else list(indices)
@@ -129,9 +156,7 @@ class BuildContext:
         )
         for pixels, ids, errors in loader:
             inputs = normalise(pixels.to(self.device, non_blocking=True), self.config.data)
-            if self.device.type == "cuda":
-                # cuDNN's fastest convolutions take NHWC; on the CPU, NCHW keeps the per-channel
-                # reductions of the dataset pass fast (they are ~50x slower on NHWC maps there).
+            if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
             yield Batch(indices=ids, pixels=pixels, inputs=inputs, ok=ok, errors=list(errors))

@@ -1,6 +1,7 @@
 """BuildContext.batch_size: the requested size, else one that fits the free memory."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sitegen.context as context_mod
@@ -33,3 +34,32 @@ def test_batch_size_fits_the_free_memory(tmp_path, make_images, tiny_checkpoint,
 def test_available_memory_is_plausible():
     free = context_mod.available_memory(torch.device("cpu"))
     assert 1 << 20 < free < 1 << 50
+
+
+class _ViewNet(torch.nn.Module):
+    """A hand-written model that flattens with .view(), as many tutorials' VGG-style models do."""
+
+    def __init__(self, flatten_with_view: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 2)
+        self.flatten_with_view = flatten_with_view
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x.view(x.size(0), -1) if self.flatten_with_view else torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def test_channels_last_only_for_models_that_accept_it(tmp_path, make_images, tiny_checkpoint, paths):
+    cpu = torch.device("cpu")
+    assert context_mod.channels_last_works(_ViewNet(False), (8, 8), cpu)
+    view_net = _ViewNet(True)
+    with pytest.raises(RuntimeError):  # the failure the check protects against
+        view_net(torch.zeros(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert not context_mod.channels_last_works(view_net, (8, 8), cpu)
+    assert view_net.training and all(p.requires_grad for p in view_net.parameters())  # left as found
+    ctx = _ctx(tmp_path, make_images, tiny_checkpoint, paths)
+    if ctx.device.type == "cpu":  # NCHW on the CPU, whatever the model
+        assert not ctx.channels_last
+        assert all(b.inputs.is_contiguous() for b in ctx.batches())
