@@ -57,7 +57,7 @@ def channels_last_works(model: torch.nn.Module, input_size: tuple[int, int], dev
         with model_guard(model), torch.no_grad():
             model(x)
         return True
-    except RuntimeError:
+    except Exception:  # any failure on NHWC input: give the model the layout it was written for
         return False
 
 
@@ -135,15 +135,19 @@ class BuildContext:
         return 3 * 4 * sum(int(torch.Size(l.shape).numel()) for l in self.all_layers) + 3 * 4 * \
             self.input_size[0] * self.input_size[1]
 
-    @property
-    def channels_last(self) -> bool:
-        """Whether batches go to the model channels-last (NHWC): on a GPU, where cuDNN's fastest
-        convolutions take NHWC, and only if the model accepts it (checked once).  On the CPU, NCHW
-        keeps the per-channel reductions of the dataset pass fast (~50x slower on NHWC maps there)."""
+    def __post_init__(self) -> None:
+        # Decided here, once, before any pass hooks the model: probing later, inside a pass, would
+        # run the probe through that pass's hooks (and its early stop).
         if self._channels_last is None:
             self._channels_last = self.device.type == "cuda" and channels_last_works(
                 self.net, self.input_size, self.device)
-        return self._channels_last
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether batches go to the model channels-last (NHWC): on a GPU, where cuDNN's fastest
+        convolutions take NHWC, and only if the model accepts it.  On the CPU, NCHW keeps the
+        per-channel reductions of the dataset pass fast (~50x slower on NHWC maps there)."""
+        return bool(self._channels_last)
 
     def batches(self, indices: Sequence[int] | None = None, batch_size: int = 0) -> Iterator[Batch]:
         """Decoded, normalised batches in index order (failures flagged, never raised)."""

@@ -63,3 +63,20 @@ def test_channels_last_only_for_models_that_accept_it(tmp_path, make_images, tin
     if ctx.device.type == "cpu":  # NCHW on the CPU, whatever the model
         assert not ctx.channels_last
         assert all(b.inputs.is_contiguous() for b in ctx.batches())
+
+
+def test_channels_last_is_decided_when_the_context_is_made(tmp_path, make_images, tiny_checkpoint, paths,
+                                                           monkeypatch):
+    """Probing later, inside a pass, would run the probe through that pass's hooks and early stop
+    (the dataset pass died on every GPU that way).  The decision is taken once, at construction."""
+    import dataclasses
+
+    calls = []
+    monkeypatch.setattr(context_mod, "channels_last_works", lambda *a: calls.append(a) or True)
+    ctx = _ctx(tmp_path, make_images, tiny_checkpoint, paths)
+    gpu_like = dataclasses.replace(ctx, device=torch.device("cuda"), _channels_last=None)
+    assert calls and gpu_like.channels_last  # probed when made, as on a GPU
+    n = len(calls)
+    assert gpu_like.channels_last and len(calls) == n  # never again
+    assert not dataclasses.replace(ctx, device=torch.device("cpu"), _channels_last=None).channels_last
+    assert len(calls) == n  # no probe on the CPU
