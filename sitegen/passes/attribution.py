@@ -46,7 +46,7 @@ from .. import progress
 from ..attribution import attribute_methods, normalise_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
-from ..distributed import gather_to_main
+from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..render.patches import GREY, PixelCache, display_box, resize_square
@@ -144,6 +144,8 @@ class AttributionPass(AnalysisPass):
         k = int(topk.meta["k"])
         plans = [plan_layer(ctx, topk, li, self.config.max_side) for li in range(len(topk.meta["layers"]))]
         batch = ctx.batch_size(self.config.batch_size)
+        if ctx.dist.active:  # the default follows each rank's free memory; the items must be the same on all
+            batch = int(all_reduce(torch.tensor([batch]), op=torch.distributed.ReduceOp.MIN).item())
         pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=256 << 20)
         out = {p.index: {m: np.full((p.channels, k, p.side, p.side, 3), GREY, dtype=np.uint8) for m in methods}
                for p in plans}
@@ -172,7 +174,7 @@ class AttributionPass(AnalysisPass):
                 advance(len(cs) * len(methods))
         if ctx.dist.active:
             self._gather(items, mine, methods, out)
-        store.clear(mine)
+        store.clear()
         arrays = {f"L{li}.{m}": out[li][m] for li in out for m in methods}
         meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
                 "windows": [p.window for p in plans], "sides": [p.side for p in plans],
