@@ -140,17 +140,17 @@ class ItemStore:
             np.savez(f, **arrays)
         os.replace(tmp, self._path(i))  # a kill leaves the whole file or none
 
-    def clear(self, indices) -> None:
-        """Remove these items' files (once the pass has its result), and the folder when empty."""
-        if self.folder is None:
+    def clear(self) -> None:
+        """Remove every item file (once the pass has its result; the items of a run cut into more
+        batches too) and the folder when empty.  Ranks may clear at once: a file already gone is fine."""
+        if self.folder is None or not self.folder.is_dir():
             return
-        for i in indices:
-            for path in (self._path(i), self.folder / f".item{int(i)}.tmp"):
-                path.unlink(missing_ok=True)
+        for path in [*self.folder.glob("item*.npz"), *self.folder.glob(".item*.tmp")]:
+            path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()
         except OSError:
-            pass  # other files remain (another rank's, or another kind of checkpoint)
+            pass  # other files remain (another kind of checkpoint)
 
 
 def _all_ranks(flag: bool) -> bool:

@@ -1,6 +1,8 @@
 """Feature visualisation against hand-set filters, known properties of the ascent, and the model's state."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,37 @@ def test_a_damaged_item_file_is_recomputed(fv_ctx, tmp_path, monkeypatch):
     assert calls == ["visualise_channels", "visualise_channels", "visualise_classes"]  # items 1, 2, 4
     _same(resumed, whole)
     assert not ctx.scratch.exists()
+
+
+def test_items_of_a_run_cut_into_other_batches_are_not_reused(fv_ctx, tmp_path, monkeypatch):
+    """The default batch (256 on a GPU, 64 on the CPU) is not in the cache key: a run killed on one
+    device and resumed on another cuts its items differently.  Item 3 of batches of 3 (conv2 channels
+    3-4) has the length of item 3 of batches of 2 (conv2 channels 2-3) but must not stand in for it."""
+    ctx, p, _ = fv_ctx
+    ctx.scratch = tmp_path / "featurevis-key.partial"
+    with monkeypatch.context() as m:
+        m.setattr(FeatureVisPass, "batch_size", lambda self, ctx: 3)
+        _counting(m, fail_after=4)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+    assert (ctx.scratch / "item3.npz").is_file()
+    monkeypatch.setattr(FeatureVisPass, "batch_size", lambda self, ctx: 2)
+    ctx_clean = dataclasses.replace(ctx, scratch=None)
+    expected = p.run(ctx_clean)
+    calls = _counting(monkeypatch)
+    resumed = p.run(ctx)
+    assert len(calls) == 7  # conv1: 2 items, conv2: 3, classes: 2; none reused
+    _same(resumed, expected)
+    assert not ctx.scratch.exists()
+
+
+def test_item_store_clear_removes_items_of_a_longer_earlier_run(tmp_path):
+    from sitegen.passes.base import ItemStore
+
+    store = ItemStore(tmp_path / "x.partial")
+    for i in range(6):
+        store.save(i, {"a": np.arange(3)})
+    (store.folder / ".item7.tmp").write_bytes(b"half")
+    store.clear()
+    assert not store.folder.exists()
+    ItemStore(None).clear()  # no cache: nothing to do
