@@ -159,18 +159,15 @@ class AttributionPass(AnalysisPass):
             for i in mine:
                 plan, s = items[i]
                 o, cs, js = out[plan.index], plan.c[s], plan.j[s]
-                # The batch size may differ between runs (it follows the free memory): an item is
-                # reused only if it covers the very same (layer, pairs) span.
-                span = np.array([plan.index, s.start, s.start + len(cs)], dtype=np.int64)
-                saved = store.load(i, [*methods, "span"])
+                span = (plan.index, s.start, s.start + len(cs))  # the same index may name other pairs
+                saved = store.load(i, methods, span)
                 want = (len(cs), plan.side, plan.side, 3)
-                if saved is not None and np.array_equal(saved["span"], span) and \
-                        all(saved[m].shape == want and saved[m].dtype == np.uint8 for m in methods):
+                if saved is not None and all(saved[m].shape == want and saved[m].dtype == np.uint8 for m in methods):
                     for m in methods:
                         o[m][cs, js] = saved[m]
                 else:
                     self._batch(ctx, plan, s, methods, pixels, o)
-                    store.save(i, {**{m: o[m][cs, js] for m in methods}, "span": span})
+                    store.save(i, {m: o[m][cs, js] for m in methods}, span)
                 advance(len(cs) * len(methods))
         if ctx.dist.active:
             self._gather(items, mine, methods, out)

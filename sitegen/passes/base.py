@@ -103,6 +103,10 @@ class Cache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+SPAN = "_span"
+"""Key of the array recording what a saved work item covers."""
+
+
 class ItemStore:
     """Each finished work item of a pass, saved as ``item<i>.npz`` under ``ctx.scratch``.
 
@@ -121,23 +125,28 @@ class ItemStore:
     def _path(self, i: int) -> Path:
         return self.folder / f"item{int(i)}.npz"
 
-    def load(self, i: int, keys: list[str]) -> dict[str, np.ndarray] | None:
-        """Item ``i``'s arrays ``keys``, or None when it is not saved or cannot be read."""
+    def load(self, i: int, keys: list[str], span: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+        """Item ``i``'s arrays ``keys``, or None when it is not saved, cannot be read, or covers
+        another ``span`` than asked: what the item holds (layer, first and last unit...).  Batch
+        sizes may differ between runs (they follow the device and the free memory), so the same
+        index can name other work."""
         if self.folder is None or not self._path(i).is_file():
             return None
         try:
             with np.load(self._path(i), allow_pickle=False) as z:
+                if not np.array_equal(z[SPAN], np.asarray(span, dtype=np.int64)):
+                    return None
                 return {k: z[k] for k in keys}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
 
-    def save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+    def save(self, i: int, arrays: dict[str, np.ndarray], span: tuple[int, ...]) -> None:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".item{int(i)}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays, **{SPAN: np.asarray(span, dtype=np.int64)})
         os.replace(tmp, self._path(i))  # a kill leaves the whole file or none
 
     def clear(self) -> None:

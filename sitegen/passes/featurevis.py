@@ -372,16 +372,14 @@ class FeatureVisPass(AnalysisPass):
         with progress.bar("feature visualisation", sum(len(items[i][2]) for i in mine), "images") as advance:
             for i in mine:
                 prefix, info, units = items[i]
-                # What the item covers: the batch size may differ between runs (GPU / CPU), so an
-                # item is reused only for the very same layer (or the classes) and units.
-                span = np.array([-1 if info is None else int(prefix[1:]), units[0], units[-1]], dtype=np.int64)
+                span = (-1 if info is None else int(prefix[1:]), units[0], units[-1])  # layer (-1: classes), units
                 done[i] = _load_item(store, i, len(units), a, span)
                 if done[i] is None:
                     if info is None:
                         done[i] = visualise_classes(ctx.net, units, a, device=ctx.device)
                     else:
                         done[i] = visualise_channels(ctx.net, info.name, units, a, device=ctx.device)
-                    store.save(i, {**{k: getattr(done[i], k) for k in _ITEM_FIELDS}, "span": span})
+                    store.save(i, {k: getattr(done[i], k) for k in _ITEM_FIELDS}, span)
                 advance(len(units))
         if ctx.dist.active:
             gathered = gather_to_main(done)
@@ -400,10 +398,10 @@ _ITEM_FIELDS = ("images", "objective", "start")
 """The :class:`AscentResult` arrays the pass keeps, saved per work item."""
 
 
-def _load_item(store: ItemStore, i: int, n: int, a: Ascent, span: np.ndarray) -> AscentResult | None:
+def _load_item(store: ItemStore, i: int, n: int, a: Ascent, span: tuple[int, ...]) -> AscentResult | None:
     """Work item ``i`` (``n`` images covering ``span``) as saved by an earlier, interrupted run, or None."""
-    arrays = store.load(i, [*_ITEM_FIELDS, "span"])
-    if arrays is None or not np.array_equal(arrays.pop("span"), span):
+    arrays = store.load(i, list(_ITEM_FIELDS), span)
+    if arrays is None:
         return None
     want = {"images": ((n, *a.size, 3), np.uint8), "objective": ((n,), np.float32), "start": ((n,), np.float32)}
     if any(arrays[k].shape != shape or arrays[k].dtype != dtype for k, (shape, dtype) in want.items()):

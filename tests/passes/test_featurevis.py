@@ -328,8 +328,10 @@ def test_item_store_clear_removes_items_of_a_longer_earlier_run(tmp_path):
 
     store = ItemStore(tmp_path / "x.partial")
     for i in range(6):
-        store.save(i, {"a": np.arange(3)})
+        store.save(i, {"a": np.arange(3)}, (0, i))
     (store.folder / ".item7.tmp").write_bytes(b"half")
+    assert np.array_equal(store.load(2, ["a"], (0, 2))["a"], np.arange(3))
+    assert store.load(2, ["a"], (0, 3)) is None  # saved for other work
     store.clear()
     assert not store.folder.exists()
     ItemStore(None).clear()  # no cache: nothing to do
