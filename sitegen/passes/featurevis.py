@@ -360,35 +360,36 @@ class FeatureVisPass(AnalysisPass):
                                 "seed": a.seed, "redirect_steps": int(round(a.steps * REDIRECT_FRACTION))}
         n_classes, reason = logit_count(ctx.net, a, ctx.device) if self.config.classes else (0, "featurevis.classes is false")
         meta["classes_reason"] = reason
-        # Work items: each batch of channels of each layer, then each batch of classes.  Under
-        # torchrun each rank optimises its share and rank 0 gathers the images (the batches, and so
-        # every image's seeds and jitter, are the same as in one process).
-        items = [(f"L{li}", info, list(range(lo, min(lo + bs, info.channels))))
+        # Work items: each batch of channels of each layer (its index li), then each batch of classes
+        # (li = -1).  Under torchrun each rank optimises its share and rank 0 gathers the images (the
+        # batches, and so every image's seeds and jitter, are the same as in one process).
+        items = [(li, list(range(lo, min(lo + bs, info.channels))))
                  for li, info in enumerate(ctx.layers) for lo in range(0, info.channels, bs)]
-        items += [("classes", None, list(range(lo, min(lo + bs, n_classes)))) for lo in range(0, n_classes or 0, bs)]
+        items += [(-1, list(range(lo, min(lo + bs, n_classes)))) for lo in range(0, n_classes or 0, bs)]
         mine = ctx.dist.items(len(items))
         store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         done: dict[int, AscentResult] = {}
-        with progress.bar("feature visualisation", sum(len(items[i][2]) for i in mine), "images") as advance:
+        with progress.bar("feature visualisation", sum(len(items[i][1]) for i in mine), "images") as advance:
             for i in mine:
-                prefix, info, units = items[i]
-                span = (-1 if info is None else int(prefix[1:]), units[0], units[-1])  # layer (-1: classes), units
+                li, units = items[i]
+                span = (li, units[0], units[-1])
                 done[i] = _load_item(store, i, len(units), a, span)
                 if done[i] is None:
-                    if info is None:
-                        done[i] = visualise_classes(ctx.net, units, a, device=ctx.device)
-                    else:
-                        done[i] = visualise_channels(ctx.net, info.name, units, a, device=ctx.device)
+                    done[i] = (visualise_classes(ctx.net, units, a, device=ctx.device) if li < 0 else
+                               visualise_channels(ctx.net, ctx.layers[li].name, units, a, device=ctx.device))
                     store.save(i, {k: getattr(done[i], k) for k in _ITEM_FIELDS}, span)
                 advance(len(units))
         if ctx.dist.active:
             gathered = gather_to_main(done)
             done = {i: r for part in (gathered or [done]) for i, r in part.items()}
+        parts: dict[int, list[AscentResult]] = {li: [] for li in range(-1, len(ctx.layers))}
+        for i in sorted(done):  # item order is layer order, then channel order
+            parts[items[i][0]].append(done[i])
         for li in range(len(ctx.layers)):
-            _store(arrays, f"L{li}", [done[i] for i, item in enumerate(items) if item[0] == f"L{li}" and i in done], a)
+            _store(arrays, f"L{li}", parts[li], a)
         meta["classes"] = 0
         if n_classes:
-            _store(arrays, "classes", [done[i] for i, item in enumerate(items) if item[0] == "classes" and i in done], a)
+            _store(arrays, "classes", parts[-1], a)
             meta["classes"] = n_classes
         store.clear()
         return Result(meta=meta, arrays=arrays)
