@@ -205,13 +205,18 @@ def _assert_same(a, b):
         assert a.arrays[key].dtype == b.arrays[key].dtype and np.array_equal(a.arrays[key], b.arrays[key]), key
 
 
+def _killed_run(ctx, p, monkeypatch, after: int) -> None:
+    """Run the pass and kill it once ``after`` batches are done (their item files stay behind)."""
+    with monkeypatch.context() as m:
+        _count_batches(m, fail_after=after)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+
+
 def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
-    with monkeypatch.context() as m:
-        _count_batches(m, fail_after=2)
-        with pytest.raises(RuntimeError, match="killed"):
-            p.run(ctx)
+    _killed_run(ctx, p, monkeypatch, after=2)
     assert sorted(f.name for f in ctx.scratch.iterdir()) == ["item0.npz", "item1.npz"]
     calls = _count_batches(monkeypatch)
     resumed = p.run(ctx)
@@ -223,10 +228,7 @@ def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
 def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
-    with monkeypatch.context() as m:
-        _count_batches(m, fail_after=3)
-        with pytest.raises(RuntimeError, match="killed"):
-            p.run(ctx)
+    _killed_run(ctx, p, monkeypatch, after=3)
     data = (ctx.scratch / "item0.npz").read_bytes()
     (ctx.scratch / "item0.npz").write_bytes(data[: len(data) // 2])  # truncated by a crash
     calls = _count_batches(monkeypatch)
@@ -241,10 +243,7 @@ def test_items_saved_with_another_batch_size_are_not_reused(small, tmp_path, mon
     differently: item 1 of batches of 16 (pairs 16-31) must not be taken for item 1 of batches of 24."""
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
-    with monkeypatch.context() as m:
-        _count_batches(m, fail_after=3)
-        with pytest.raises(RuntimeError, match="killed"):
-            p.run(ctx)
+    _killed_run(ctx, p, monkeypatch, after=3)
     other = AttributionPass(AttributionConfig(methods=("guided", "gradient"), batch_size=24))
     calls = _count_batches(monkeypatch)
     resumed = other.run(ctx)

@@ -269,13 +269,18 @@ def _same(a, b):
         assert np.array_equal(a.arrays[key], b.arrays[key]), key
 
 
+def _killed_run(ctx, p, monkeypatch, after: int) -> None:
+    """Run the pass and kill it once ``after`` items are done (their item files stay behind)."""
+    with monkeypatch.context() as m:
+        _counting(m, fail_after=after)
+        with pytest.raises(RuntimeError, match="killed"):
+            p.run(ctx)
+
+
 def test_pass_resumes_finished_items_after_a_kill(fv_ctx, tmp_path, monkeypatch):
     ctx, p, whole = fv_ctx
     ctx.scratch = tmp_path / "featurevis-key.partial"
-    with monkeypatch.context() as m:
-        _counting(m, fail_after=3)
-        with pytest.raises(RuntimeError, match="killed"):
-            p.run(ctx)
+    _killed_run(ctx, p, monkeypatch, after=3)
     assert sorted(f.name for f in ctx.scratch.iterdir()) == ["item0.npz", "item1.npz", "item2.npz"]
     calls = _counting(monkeypatch)
     resumed = p.run(ctx)
@@ -287,10 +292,7 @@ def test_pass_resumes_finished_items_after_a_kill(fv_ctx, tmp_path, monkeypatch)
 def test_a_damaged_item_file_is_recomputed(fv_ctx, tmp_path, monkeypatch):
     ctx, p, whole = fv_ctx
     ctx.scratch = tmp_path / "featurevis-key.partial"
-    with monkeypatch.context() as m:
-        _counting(m, fail_after=4)
-        with pytest.raises(RuntimeError, match="killed"):
-            p.run(ctx)
+    _killed_run(ctx, p, monkeypatch, after=4)
     data = (ctx.scratch / "item1.npz").read_bytes()
     (ctx.scratch / "item1.npz").write_bytes(data[: len(data) // 2])  # truncated by a crash
     (ctx.scratch / "item2.npz").write_bytes(b"not an npz file")
