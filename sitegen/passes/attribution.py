@@ -1,4 +1,4 @@
-"""The attribution pass: guided backprop, deconvnet and gradient for every top-k unit (issue 3).
+"""The attribution pass: guided backprop, deconvnet and gradient for every top-k unit.
 
 For every selected layer, channel and top-k entry, the unit is the channel at the recorded position
 in that image; :func:`sitegen.attribution.attribute` back-propagates from it alone to the input
@@ -19,7 +19,7 @@ Storage
 -------
 The renderer only reads, so the pass stores what the page shows and nothing more: for each unit
 and method, the attribution inside the unit's display window
-(:func:`sitegen.render.patches.display_box`, the very crop of its top-k patch), already turned
+(:func:`sitegen.crops.display_box`, the very crop of its top-k patch), already turned
 into a display image by :func:`sitegen.attribution.normalise_for_display` (uint8 RGB, grey = 0).
 Raw float maps of the whole input would cost ``3·H·W·4`` bytes per unit and method (12 KiB on
 CIFAR, 588 KiB on 224-px images); the uint8 crop costs ``3·s²`` with ``s = min(window, max_side)``
@@ -49,7 +49,7 @@ from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
-from ..render.patches import GREY, PixelCache, display_box, resize_square
+from ..crops import GREY, PixelCache, display_box, resize_square
 from .base import AnalysisPass, ItemStore, Result
 
 PERCENTILE = 99.0

@@ -16,7 +16,7 @@ from sitegen.passes import default_passes
 from sitegen.passes.attribution import AttributionPass, unit_crops
 from sitegen.passes.base import Result
 from sitegen.passes.topk import TopKPass, channel_top
-from sitegen.render.patches import crop_box, display_box, resize_square
+from sitegen.crops import crop_box, display_box, resize_square
 
 # layer1.0.conv1: a 5-px field, so windows cross the image border; layer2.2: a 37-px field on 32-px
 # images, so the window is capped to the image's size (display_box) and may be off-centre.

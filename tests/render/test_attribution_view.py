@@ -19,8 +19,9 @@ from sitegen.config import from_dict
 from sitegen.layers import LayerInfo, ReceptiveField
 from sitegen.passes.attribution import AttributionPass, unit_crops
 from sitegen.passes.topk import TopKPass
-from sitegen.render.patches import display_box, resize_square
-from sitegen.render.site import RenderOptions, render
+from sitegen.crops import display_box, resize_square
+from sitegen.render.pages import RenderOptions
+from sitegen.render.site import render
 from sitegen.render.views import registered
 from sitegen.render.views.attribution import AttributionView, find_stages
 
