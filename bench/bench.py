@@ -79,7 +79,8 @@ def child(n: int, work: Path, topk_only: bool) -> dict:
     from sitegen.config import from_dict
     from sitegen.output import publish, staging_dir
     from sitegen.passes.base import Cache
-    from sitegen.render.site import RenderOptions, render
+    from sitegen.render.pages import RenderOptions
+    from sitegen.render.site import render
 
     progress.set_quiet(True)
     table = {"model": {"arch": ARCH}}

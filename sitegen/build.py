@@ -23,7 +23,8 @@ from .model_loading import LoadedModel, load_model
 from .output import check_target, discard, publish, staging_dir
 from .passes import default_passes
 from .passes.base import Cache, Result, run_cached
-from .render.site import RenderOptions, render
+from .render.pages import RenderOptions
+from .render.site import render
 
 
 def default_cache_dir() -> Path:

@@ -1,4 +1,4 @@
-"""The corpus of hostile and broken inputs (issue 8), written into a test's tmp_path on demand.
+"""The corpus of hostile and broken inputs, written into a test's tmp_path on demand.
 
 No binary fixtures are committed: every bad file is made here from a few bytes or a tiny image.
 Loaded by the tests/test_hardening_*.py files with importlib (tests/ is not a package).

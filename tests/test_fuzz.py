@@ -1,4 +1,4 @@
-"""Bounded fuzzing (issue 8) of the two parsers that read what users download: the image loader and
+"""Bounded fuzzing of the two parsers that read what users download: the image loader and
 the config parser.  No input may make them raise anything but sitegen's own error types.
 
 Hypothesis with derandomize=True: the same examples every run (a fixed seed derived from each test),

@@ -1,4 +1,4 @@
-"""Hostile and broken checkpoints (issue 8): one readable message naming the file and the fix, exit
+"""Hostile and broken checkpoints: one readable message naming the file and the fix, exit
 code 2, no traceback — and a pickle that would run code is refused without running it.
 
 Every file is made in tmp_path.  The same cases run at unit level (load_model) and through the CLI.

@@ -1,4 +1,4 @@
-"""Hostile and broken configuration (issue 8): unknown keys named with the closest valid one, wrong
+"""Hostile and broken configuration: unknown keys named with the closest valid one, wrong
 types and out-of-range values named by their TOML key, files that are not TOML — each one message
 and exit code 2 through the CLI, before any work is done."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile and broken images (issue 8): each bad file is refused with a message naming it, or — when
+"""Hostile and broken images: each bad file is refused with a message naming it, or — when
 it is a legitimate image in an odd form — decoded to the right pixels; a folder of them still builds.
 
 The corpus is in tests/hardening_corpus.py; every file is made in tmp_path.

@@ -1,4 +1,4 @@
-"""Safe output folders (issue 8): sitegen never deletes or overwrites a file it did not write, and an
+"""Safe output folders: sitegen never deletes or overwrites a file it did not write, and an
 interrupted or failed build never leaves a half-written site that looks complete.
 
 Unit tests drive check_target/publish with small staged trees; CLI tests run real builds.

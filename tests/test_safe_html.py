@@ -1,4 +1,4 @@
-"""Safe HTML (issue 8): an atlas built from hostile names — image files, class folders, the checkpoint's
+"""Safe HTML: an atlas built from hostile names — image files, class folders, the checkpoint's
 file name, the model's own layer names — shows them as text everywhere, in pages, attributes, URLs
 and JavaScript data; every page carries a Content-Security-Policy; and in headless Chromium no
 injected code runs.
@@ -271,7 +271,7 @@ def test_controls_prove_the_browser_check_can_fail(site, chromium, tmp_path):
 
 def test_no_injected_code_runs_in_chromium(site, chromium):
     atlas = json.loads((site / "data" / "atlas.json").read_text())
-    from sitegen.render.site import layer_url
+    from sitegen.render.pages import layer_url
 
     hostile_layer = layer_url(XSS_LAYER)
     pages = {"index.html", hostile_layer, hostile_layer.replace("index.html", "0.html")}

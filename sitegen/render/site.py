@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
-import hashlib
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +18,13 @@ import numpy as np
 
 from .. import __version__, progress
 from ..context import BuildContext
+from ..crops import PixelCache, crop_box, display_box
 from ..images import load_pixels, shown
 from ..passes.base import Result
 from ..passes.topk import channel_top
-from .patches import PixelCache, crop_box, display_box, save_image, sprite
+from .pages import (Page, RenderOptions, channel_url, class_anchor, class_url, layer_url, relative_root,
+                    slug, sprite_url, tile_page_url, tile_pages)
+from .patches import save_image, sprite
 from .views import registered
 
 ATLAS_SCHEMA_VERSION = 1
@@ -49,85 +49,6 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def slug(name: str) -> str:
-    """A file-name-safe, collision-free version of a layer or class name."""
-    cleaned = _SAFE.sub("_", name)
-    if cleaned == name and name not in ("", ".", ".."):
-        return name
-    return f"{cleaned.strip('.') or 'x'}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
-
-
-def layer_url(layer: str) -> str:
-    return f"layers/{slug(layer)}/index.html"
-
-
-def channel_url(layer: str, channel: int) -> str:
-    return f"layers/{slug(layer)}/{channel}.html"
-
-
-TILES_PER_PAGE = 512
-"""Channels per layer page: a layer page's HTML stays far below 500 KB (a 2048-channel layer of
-ResNet-50 has four pages) and the browser lays out a bounded number of tiles."""
-
-
-def class_anchor(name: str) -> str:
-    """The ``id`` of a class's entry in the index page's class list (the data summary): ``class-<slug>``,
-    so any class folder name, whatever its characters, gives a valid, unique, stable fragment."""
-    return f"class-{slug(name)}"
-
-
-def class_url(name: str, own_pages: dict[str, str]) -> str:
-    """Where a class's search entry leads: the class's own page where the build has one (a page whose
-    context names it as ``for_class``), otherwise its entry in the index page's class list."""
-    return own_pages.get(name) or f"index.html#{class_anchor(name)}"
-
-
-def tile_page_url(layer: str, channel: int) -> str:
-    """The layer page whose tiles include ``channel``: ``index.html``, then ``page-2.html``, ..."""
-    number = channel // TILES_PER_PAGE + 1
-    return layer_url(layer) if number == 1 else f"layers/{slug(layer)}/page-{number}.html"
-
-
-def tile_pages(layer: str, channels: int) -> list[dict[str, Any]]:
-    """Every page of a layer's tiles: path, file name (for links between them), channel range."""
-    out = []
-    for first in range(0, max(channels, 1), TILES_PER_PAGE):
-        path = tile_page_url(layer, first)
-        out.append({"number": first // TILES_PER_PAGE + 1, "path": path, "url": path.rsplit("/", 1)[-1],
-                    "first": first, "last": min(first + TILES_PER_PAGE, channels) - 1})
-    return out
-
-
-def sprite_url(layer: str, channel: int, fmt: str) -> str:
-    return f"img/{slug(layer)}/{channel}.{fmt}"
-
-
-@dataclass
-class Page:
-    """One output file: its path in the site, its template and its context."""
-
-    path: str
-    template: str
-    context: dict[str, Any]
-    title: str
-    crumbs: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class RenderOptions:
-    title: str
-    patch_size: int
-    image_format: str = "png"
-
-
-def relative_root(path: str) -> str:
-    depth = path.count("/")
-    return "../" * depth
 
 
 # ---------------------------------------------------------------- collect

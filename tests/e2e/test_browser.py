@@ -365,7 +365,7 @@ def test_copy_link(browser, base):
 
 def test_image_pages_have_stable_names_and_walk(browser, base, site: Path):
     """t-SNE scatter → an image page named after its file (not its index) → the next image by key."""
-    from sitegen.render.views.image_pages import image_url
+    from sitegen.render.views.image_files import image_url
 
     if not (site / "tsne/index.html").is_file():
         pytest.skip("no t-SNE view in this build")

@@ -11,7 +11,8 @@ from sitegen.images import discover as discover_images
 from sitegen.layers import discover as discover_layers
 from sitegen.model_loading import LoadedModel
 from sitegen.passes.topk import TopKPass
-from sitegen.render.site import RenderOptions, collect_atlas, collect_pages, dull_channels
+from sitegen.render.pages import RenderOptions
+from sitegen.render.site import collect_atlas, collect_pages, dull_channels
 
 
 class Net(nn.Module):

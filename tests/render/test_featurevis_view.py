@@ -18,7 +18,8 @@ from sitegen.config import from_dict
 from sitegen.passes.correspondence import CorrespondenceConfig, CorrespondencePass
 from sitegen.passes.featurevis import FeatureVisPass
 from sitegen.passes.topk import TopKPass
-from sitegen.render.site import RenderOptions, render
+from sitegen.render.pages import RenderOptions
+from sitegen.render.site import render
 
 LAYERS = ["layer1.2", "layer2.0"]  # the last block of stage 1 and the first of stage 2: one boundary
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sitegen.render.views.activations import activations_url
-from sitegen.render.views.image_pages import ImagePagesView, image_name, image_url, picture_url
+from sitegen.render.views.image_files import activations_url, image_name, image_url, picture_url
+from sitegen.render.views.image_pages import ImagePagesView
 
 SAFE = re.compile(r"[A-Za-z0-9._-]+")
 HOSTILE = [

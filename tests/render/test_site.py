@@ -203,7 +203,8 @@ def test_a_class_leads_to_its_own_page_else_its_index_anchor(tmp_path):
     """Without a build: a class with a page of its own (context ``for_class``) links there, the others to
     their anchor in the index's class list; odd folder names give a safe, stable fragment, and the
     index page (rendered from the same context) carries every anchor the search index names."""
-    from sitegen.render.site import Page, class_anchor, search_index, slug, write_pages
+    from sitegen.render.pages import Page, class_anchor, slug
+    from sitegen.render.site import search_index, write_pages
 
     odd = 'a/b <c> & "d" #1'
     atlas = {"layers": [], "data": {"classes": ["dog", odd, "cat"]}}
@@ -322,7 +323,7 @@ def test_a_2048_channel_layer_stays_under_500_kb_a_page(tmp_path):
     """ResNet-50's widest layer: its tiles are split over pages of 512, each far under the budget,
     linked to each other (rel prev/next, so ← and → page through them), and every channel page's
     breadcrumb leads to the page holding its tile."""
-    from sitegen.render.site import TILES_PER_PAGE
+    from sitegen.render.pages import TILES_PER_PAGE
 
     site = _build_wide(tmp_path, "wide_2048", tmp_path / "atlas", tmp_path / "cache")
     folder = site / "layers" / "layer4.2.conv3"

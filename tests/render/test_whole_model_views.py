@@ -25,9 +25,9 @@ from sitegen.passes.occlusion import OcclusionPass
 from sitegen.passes.topk import TopKPass
 from sitegen.passes.tsne import TsnePass
 from sitegen.render.colormap import overlay, upscale, viridis
-from sitegen.render.site import RenderOptions, render
-from sitegen.render.views.activations import activations_url
-from sitegen.render.views.image_pages import display_factor, image_url, picture_url
+from sitegen.render.pages import RenderOptions
+from sitegen.render.site import render
+from sitegen.render.views.image_files import activations_url, display_factor, image_url, picture_url
 
 CLASSES = ["c0", "c<1>", 'c"2']  # folder names a page must show as text
 

@@ -8,43 +8,9 @@ A view reads pass results (never computes an analysis) and may
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from .base import View
 
-import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...context import BuildContext
-    from ...passes.base import Result
-    from ..site import Page, RenderOptions
-
-
-class View:
-    name: str = ""
-    channel_partial: str | None = None
-    """Template (e.g. ``_channel_attribution.html``) included on every channel page, given
-    ``page.extras[name]``; None for views without channel-page content."""
-
-    def available(self, results: dict[str, "Result"]) -> bool:
-        """False when the passes this view reads did not run (the view is then left out)."""
-        return True
-
-    def nav(self) -> list[tuple[str, str]]:
-        """(url relative to the site root, text) links for the index page and header."""
-        return []
-
-    def sprite_rows(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int,
-                    patch_boxes: list[tuple[int, int, int, int]]) -> list[list[np.ndarray]]:
-        return []
-
-    def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
-        return {}
-
-    def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
-        return []
-
-    def draw(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path, opts: "RenderOptions") -> None:
-        pass
+__all__ = ["View", "registered"]
 
 
 def registered() -> list[View]:

@@ -15,19 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from ..colormap import upscale, viridis
-from . import View
-from .image_pages import display_factor, image_name, image_url, picture_url, save_png, usable
+from ..pages import Page, layer_url
+from .base import View
+from .image_files import activations_url, display_factor, image_url, picture_url, save_png, usable
 
 GAP = 2
 DEAD_FRAME = np.array([200, 30, 30], dtype=np.uint8)
 LISTED = 48
 """Never-active channels named on a page per layer (the rest counted)."""
-
-
-def activations_url(rel: str) -> str:
-    """The activation-maps page of the image at ``rel``, relative to the site root: named like its
-    image page, so it too keeps its address when other images come or go."""
-    return f"activations/{image_name(rel)}.html"
 
 
 def picture_path(n: int, li: int) -> str:
@@ -64,7 +59,6 @@ class ActivationsView(View):
         return [("activations/index.html", "Activation maps")]
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page, layer_url
 
         r = results["activations"]
         a, m = r.arrays, r.meta

@@ -1,4 +1,4 @@
-"""Attribution view (issue 3): each top-k patch beside its guided-backprop image, and stage views.
+"""Attribution view: each top-k patch beside its guided-backprop image, and stage views.
 
 Reads the attribution pass's display crops (already normalised uint8 images of each unit's window;
 this view computes nothing) and
@@ -26,12 +26,12 @@ import numpy as np
 
 from ...layers import LayerInfo
 from ...passes.attribution import unit_crops
-from . import View
+from ..pages import Page, RenderOptions, channel_url, slug, sprite_url
+from .base import View
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...context import BuildContext
     from ...passes.base import Result
-    from ..site import Page, RenderOptions
 
 FIRST_ROW = 1
 """Sprite row of the first method (row 0 holds the patches)."""
@@ -76,7 +76,6 @@ class Stage:
 
     @property
     def slug(self) -> str:
-        from ..site import slug
 
         return slug(self.stage)
 
@@ -180,7 +179,6 @@ class AttributionView(View):
         return None
 
     def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
-        from ..site import Page
 
         stages = self.stages(ctx, atlas)
         crumbs = [("index.html", "atlas")]
@@ -206,7 +204,6 @@ class AttributionView(View):
     def _stage_context(self, s: Stage, c: int, by_name: dict, r: "Result", k: int,
                        opts: "RenderOptions") -> dict[str, Any]:
         def column(name: str, caffe: str) -> dict[str, Any]:
-            from ..site import channel_url, sprite_url
 
             ch = by_name[name]["channels"][c]
             cells = [{"col": j, "name": e["image"].rsplit("/", 1)[-1], "image": e["image"], "label": e["label"],

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import View
+from ..pages import Page, channel_url, layer_url
+from .base import View
 
 
 def chance_shared(k: int, n: int) -> float:
@@ -31,7 +32,6 @@ class CorrespondenceView(View):
         return [("correspondence.html", "Stage boundaries")]
 
     def channel_context(self, ctx, atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
-        from ..site import channel_url
 
         r = results["correspondence"]
         name = atlas["layers"][li]["name"]
@@ -52,7 +52,6 @@ class CorrespondenceView(View):
                 "chance": chance_shared(k, n), "images": n}
 
     def _boundary_row(self, r, j: int, b: dict, c: int) -> dict[str, Any]:
-        from ..site import channel_url
 
         a = r.arrays
         best, carried = int(a[f"B{j}.best"][c]), int(a[f"B{j}.carried"][c])
@@ -69,7 +68,6 @@ class CorrespondenceView(View):
         }
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page, layer_url
 
         r = results["correspondence"]
         tables = []

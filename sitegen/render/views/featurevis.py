@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from ..pages import Page, channel_url, layer_url, slug
 from ..patches import save_image
-from . import View
+from .base import View
 
 CLASS_DIR = "img/featurevis-classes"
 """Layer folders are named after module names, which as Python attributes cannot contain a dash."""
 
 
 def channel_image_url(layer: str, c: int) -> str:
-    from ..site import slug
 
     return f"img/{slug(layer)}/{c}.fv.png"
 
@@ -73,7 +73,6 @@ class FeatureVisView(View):
                 "settings": _settings(results["featurevis"].meta)}
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page, channel_url, layer_url
 
         r = results["featurevis"]
         rows, never = [], []
@@ -103,7 +102,6 @@ class FeatureVisView(View):
         return [summary, self._classes_page(ctx, r, opts)]
 
     def _classes_page(self, ctx, r, opts):
-        from ..site import Page
 
         n = int(r.meta.get("classes", 0))
         names = class_names(ctx, n)

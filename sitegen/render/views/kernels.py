@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..colormap import greybar, upscale
-from . import View
-from .image_pages import save_png, usable
+from ..pages import Page, layer_url, slug
+from .base import View
+from .image_files import save_png
 
 GAP = 1
 """Pixels of white between kernels (grids) and filters (mosaic)."""
@@ -94,7 +95,6 @@ class KernelsView(View):
         return [("kernels/index.html", "Kernels")]
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page, layer_url, slug
 
         r = results["kernels"]
         a, m = r.arrays, r.meta
@@ -134,7 +134,6 @@ class KernelsView(View):
         return [index] + pages
 
     def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
-        from ..site import slug
 
         r = results["kernels"]
         a, m = r.arrays, r.meta

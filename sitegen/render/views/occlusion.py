@@ -13,14 +13,11 @@ from typing import Any
 import numpy as np
 
 from ..colormap import categories, colorbar, hex_to_rgb, overlay, scale, upscale, viridis
-from . import View
-from .image_pages import display_factor, image_url, safe_pixels, save_png, usable
+from ..pages import Page, layer_url
+from .base import View
+from .image_files import display_factor, image_url, map_urls, safe_pixels, save_png, top_list, usable
 
 COLORBAR = "img/colorbar.png"
-
-
-def map_urls(n: int) -> dict[str, str]:
-    return {key: f"img/occlusion/{n}-{key}.png" for key in ("prob", "best", "total")}
 
 
 def class_legend(best: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
@@ -53,7 +50,6 @@ class OcclusionView(View):
         return [("occlusion/index.html", "Occlusion sensitivity")]
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page, layer_url
 
         r = results["occlusion"]
         a, m = r.arrays, r.meta
@@ -89,3 +85,29 @@ class OcclusionView(View):
             urls = map_urls(n)
             for key, heat in heatmaps(r, s).items():
                 save_png(upscale(overlay(pixels, heat, stride), factor), out / urls[key])
+
+
+def occlusion_context(ctx, atlas: dict, r, s: int, layer_url) -> dict[str, Any]:
+    """What an image page shows of occlusion row ``s``: the three overlays and their scales."""
+    a, m = r.arrays, r.meta
+    n = int(a["images"][s])
+    names = m["class_names"]
+    target = int(a["target"][s])
+    total = a["total"][s]
+    layer = m["layer"]
+    shown = {l["name"] for l in atlas["layers"]}
+    channel = int(a["channel"][s])
+    urls = map_urls(n)
+    return {
+        "top": top_list(a["top_classes"][s], a["top_probs"][s], names),
+        "target": names[target] if target < len(names) else f"class {target}",
+        "labelled": m["labelled"], "size": m["size"], "stride": m["stride"],
+        "base_prob": float(a["base_prob"][s]),
+        "prob_url": f"../{urls['prob']}", "best_url": f"../{urls['best']}", "total_url": f"../{urls['total']}",
+        "prob_min": float(a["prob"][s].min()),
+        "legend": class_legend(a["best"][s], names),
+        "layer": layer, "channel": channel,
+        "channel_url": f"../layers/{layer_url(layer).split('/')[1]}/{channel}.html" if layer in shown else None,
+        "total_lo": float(total.min()), "total_hi": float(total.max()), "base_total": float(a["base_total"][s]),
+        "bar": "../img/colorbar.png",
+    }

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from ..colormap import categories
-from . import View
-from .image_pages import image_url, safe_pixels, save_jpeg, usable
+from ..pages import Page
+from .base import View
+from .image_files import image_url, safe_pixels, save_jpeg, usable
 
 VIEW_W, VIEW_H, MARGIN = 1000, 760, 12
 SPRITE = "img/tsne/thumbs.jpg"
@@ -67,7 +68,6 @@ class TsneView(View):
         return [("tsne/index.html", "t-SNE of codes"), ("tsne/grid.html", "t-SNE image grid")]
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
-        from ..site import Page
 
         r = results["tsne"]
         a, m = r.arrays, r.meta

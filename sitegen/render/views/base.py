@@ -1,0 +1,41 @@
+"""The interface every view implements (see the package docstring)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..pages import Page, RenderOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...context import BuildContext
+    from ...passes.base import Result
+
+
+class View:
+    name: str = ""
+    channel_partial: str | None = None
+    """Template (e.g. ``_channel_attribution.html``) included on every channel page, given
+    ``page.extras[name]``; None for views without channel-page content."""
+
+    def available(self, results: dict[str, "Result"]) -> bool:
+        """False when the passes this view reads did not run (the view is then left out)."""
+        return True
+
+    def nav(self) -> list[tuple[str, str]]:
+        """(url relative to the site root, text) links for the index page and header."""
+        return []
+
+    def sprite_rows(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int,
+                    patch_boxes: list[tuple[int, int, int, int]]) -> list[list[np.ndarray]]:
+        return []
+
+    def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
+        return {}
+
+    def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
+        return []
+
+    def draw(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path, opts: "RenderOptions") -> None:
+        pass
