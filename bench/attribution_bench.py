@@ -1,4 +1,4 @@
-"""Attribution speed (issue 3): the attribution pass against a bare forward pass and the naive way.
+"""Attribution speed: the attribution pass against a bare forward pass and the naive way.
 
 For the shared ResNet-56 over N CIFAR-10 test images, in one process and one run:
 
@@ -15,7 +15,7 @@ For the shared ResNet-56 over N CIFAR-10 test images, in one process and one run
   cost depends on the layer's depth.  The sampled naive crops are also compared with the pass's.
 
 Wall-clock and process CPU seconds are both reported; on a loaded shared machine the CPU-time
-ratios are the steadier ones.  The figure the issue asks for is over 10,000 images: the bare
+ratios are the steadier ones.  The goal is stated over 10,000 images: the bare
 forward grows with the image count while the attribution work does not (k units per channel
 whatever the count), so ``ratio_at_10000_images`` scales the measured forward linearly.
 

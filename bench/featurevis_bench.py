@@ -1,4 +1,4 @@
-"""Feature-visualisation speed (issue 6): seconds per channel for the shared ResNet-56 at the default
+"""Feature-visualisation speed: seconds per channel for the shared ResNet-56 at the default
 ``[featurevis]`` settings, and the estimated time of the whole atlas (all 3040 channels + 10 classes).
 
 One batch of each measured layer is optimised exactly as the pass does it (``visualise_channels``

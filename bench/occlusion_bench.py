@@ -1,4 +1,4 @@
-"""Occlusion sensitivity cost (issue 4): the pass's time divided by the time of plain forward passes
+"""Occlusion sensitivity cost: the pass's time divided by the time of plain forward passes
 of the same number of images, in one run on the same machine (goal: ≤ 1.2×).
 
 The pass is run exactly as a build runs it (``OcclusionPass.run``: decoding the sample images, the

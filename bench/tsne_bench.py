@@ -1,4 +1,4 @@
-"""t-SNE of penultimate codes (issue 4): the whole pass against the t-SNE inside it, with
+"""t-SNE of penultimate codes: the whole pass against the t-SNE inside it, with
 scikit-learn and, when installed, openTSNE (``tsne.method = "opentsne"``, ``pip install openTSNE``).
 
 The pass runs as a build runs it (``TsnePass.run``: decoding, the forward for the codes, PCA,

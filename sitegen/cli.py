@@ -19,7 +19,6 @@ from .errors import SitegenError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build a static HTML atlas of every layer and every channel of a PyTorch CNN.")
 
-_debug = False
 
 
 def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, float]]:
@@ -38,8 +37,7 @@ def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, flo
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.")) -> None:
-    global _debug
-    _debug = debug
+    # --debug is declared here for --help and read by main(), which handles the errors a command raises.
     progress.set_quiet(quiet)
 
 
@@ -186,19 +184,29 @@ def demo(
     typer.echo(str(report.index.resolve()))
 
 
+def wants_debug(args: list[str]) -> bool:
+    """Whether the root option --debug is given: it stands before the command's name."""
+    for a in args:
+        if a == "--debug":
+            return True
+        if not a.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    global _debug
-    _debug = False  # set by the --debug callback; reset so one in-process call does not leak into the next
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = wants_debug(args)
     try:
         # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code, not
         # an exception: exit with it, or an interrupted build would report success.
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code:
             if code == 130:
                 print("interrupted; nothing was published", file=sys.stderr)
             sys.exit(code)
     except SitegenError as e:
-        if _debug:
+        if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -217,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(getattr(e, "exit_code", 2))
         if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
-        if _debug:
+        if debug:
             raise
         if isinstance(e, MemoryError):
             print("error: out of memory", file=sys.stderr)
@@ -227,5 +235,3 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: internal error ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
         print("  hint: this is a bug in sitegen; rerun with --debug for the traceback and report it", file=sys.stderr)
         sys.exit(1)
-    else:
-        pass

@@ -87,7 +87,7 @@ class TopKConfig:
 @dataclass(frozen=True)
 class AttributionConfig:
     enabled: bool = True
-    """Attribute every top-k unit of every selected layer to the input pixels (issue 3)."""
+    """Attribute every top-k unit of every selected layer to the input pixels."""
     methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
     """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
     batch_size: int = 0

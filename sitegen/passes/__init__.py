@@ -19,12 +19,12 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
     from .tsne import TsnePass
 
     passes: list[AnalysisPass] = [TopKPass(cfg.topk)]
-    # Attributions of every top-k unit (issue 3): reads the topk result, so it comes right after it.
+    # Attributions of every top-k unit: reads the topk result, so it comes right after it.
     if cfg.attribution.enabled:
         from .attribution import AttributionPass
 
         passes.append(AttributionPass(cfg.attribution))
-    # Whole-model views (issue 4): each its own pass, each switched off by `enabled = false`.
+    # Whole-model views: each its own pass, each switched off by `enabled = false`.
     if cfg.occlusion.enabled:
         passes.append(OcclusionPass(cfg.occlusion, cfg.samples))
     if cfg.tsne.enabled:
@@ -33,8 +33,8 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
         passes.append(KernelsPass(cfg.kernels))
     if cfg.activations.enabled:
         passes.append(ActivationsPass(cfg.activations, cfg.samples))
-    # Issue 6: feature visualisation (expensive: gradient ascent per channel) and the layer
-    # correspondence read off the top-k sets (cheap, always on).
+    # Feature visualisation (expensive: gradient ascent per channel) and the layer correspondence
+    # read off the top-k sets (cheap, always on).
     if cfg.featurevis.enabled:
         passes.append(FeatureVisPass(cfg.featurevis))
     passes.append(CorrespondencePass(CorrespondenceConfig(topk=cfg.topk)))
