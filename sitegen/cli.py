@@ -1,4 +1,4 @@
-"""The command line: ``sitegen build``, ``sitegen layers``, ``sitegen demo``.
+"""The command line: ``sitegen build``, ``sitegen plan``, ``sitegen layers``, ``sitegen demo``.
 
 Every :class:`SitegenError` becomes one readable message and exit code 2; a traceback is shown
 only with ``--debug``.
@@ -43,6 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 @app.command()
 def build(
+    command: typer.Context,
     model: Path = typer.Argument(..., help="Checkpoint: a state dict, a checkpoint dict, or (with --trust-pickle) a pickled model."),
     images: Path = typer.Option(..., "--images", "-i", help="Folder of images (searched recursively; class sub-folders give labels)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture: torchvision:resnet50, path/net.py:factory or pkg.mod:factory."),
@@ -61,12 +62,17 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (starts torchrun with N ranks)."),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Size budget of the site in bytes "
+                                            "(default 1000000000, GitHub Pages' limit; 0 lifts it)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
     from . import distributed
     from .build import build as run_build
     from .build import default_cache_dir, load_config
 
+    plan_only = command.info_name == "plan"  # `sitegen plan` is this command that stops after the plan
+    if plan_only:
+        workers = 1
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_torchrun(workers))
     dist = distributed.init_from_env()
@@ -80,14 +86,19 @@ def build(
         data={"resize": resize, "crop": crop, "mean": _floats3(mean, "--mean"), "std": _floats3(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
+        site={"max_bytes": max_bytes},
         layers=layers or [],
     )
     cache = None if no_cache else (cache_dir or default_cache_dir())
     try:
-        report = run_build(model, images, out, cfg, force=force, cache_dir=cache)
+        report = run_build(model, images, out, cfg, force=force, cache_dir=cache, plan_only=plan_only)
         dist.barrier()
     finally:
         distributed.shutdown()
+    if plan_only:
+        for line in report.plan.lines():
+            typer.echo(line)
+        return
     if dist.is_main:
         used = report.images - report.unusable
         skipped = f" ({report.skipped} skipped)" if report.skipped else ""
@@ -95,6 +106,11 @@ def build(
                       f"in {report.timings['total']:.1f} s: {report.site_files} files, "
                       f"{report.site_bytes / 2**20:.1f} MiB")
         typer.echo(str(report.index.resolve()))
+
+
+app.command("plan", help="Print what `build` with the same flags would do and stop: the layers and views it would "
+                         "show to fit --max-bytes, each pass's work and estimated time on this device, and the "
+                         "site's estimated size and file count. Writes nothing.")(build)
 
 
 def _torchrun(workers: int) -> int:
