@@ -110,7 +110,10 @@ def summary(items: Sequence[SiteItem], applied: Iterable[Reduction]) -> list[dic
         saved = saving(current, step)
         current = apply(current, step)
         g = groups.setdefault(step.group, {"group": step.group, "what": [], "restore": step.restore, "bytes": 0.0})
-        g["what"].append(step.label)
+        if step.replace:  # a smaller version replaces the last one: only the final choice is news
+            g["what"] = [step.label]
+        else:
+            g["what"].append(step.label)
         g["bytes"] += saved
         g["restore"] = step.restore  # the last step's wording covers all of the group's
     return [{**g, "saved": human_bytes(g["bytes"])} for g in groups.values()]

@@ -283,7 +283,8 @@ def choose(ctx: BuildContext, sizes: SizeSamples) -> tuple[BuildContext, list[Si
 
     limit = ctx.config.site.max_bytes
     items, missing = estimate_site(ctx, sizes)
-    steps = reductions(ctx, sizes, items) if limit > 0 else []
+    # Given layers, the user has chosen what to show: nothing is left out behind their back.
+    steps = reductions(ctx, sizes, items) if limit > 0 and not ctx.config.layers else []
     fitted = fit(items, steps, limit)
     if not fitted.fits:
         if ctx.config.layers:  # the user chose: refuse, with what each option would save

@@ -105,7 +105,9 @@ def test_the_reduction_order_rows_then_inner_convolutions_then_the_last_row_then
     assert all("conv1" not in s.layers for s in steps)  # the stem stays whatever the budget
 
 
-def test_what_the_user_chose_is_never_reduced():
+def test_settings_the_user_changed_are_never_reduced():
+    """(A build given layers is refused over the budget rather than reduced at all: sitegen.plan.choose;
+    these steps then only list the options.)"""
     layers = bottleneck_net()
     chosen_layers = reductions(fake_ctx(layers, layers=["layer*"]), None, items_for(layers))
     assert {s.group for s in chosen_layers} == {"attribution rows", "attribution"}
@@ -143,3 +145,14 @@ def test_nothing_fits_below_the_stem(limit):
     got = fit(items, reductions(fake_ctx(layers), None, items), limit=limit)
     assert not got.fits  # every step taken, the stem and whole-model files remain
     assert {i.layer for i in got.items} == {"", "conv1"}
+
+
+def test_a_smaller_size_chosen_twice_is_listed_once_at_its_final_size():
+    items = [SiteItem("fv", "images", 4, 400, "A", tag="featurevis")]
+    steps = [Reduction("feature-visualisation images", f"{s} px", "featurevis.image_size = 224",
+                       replace=(SiteItem("fv", "images", 4, b, "A", tag="featurevis"),), setting=("featurevis.image_size", s))
+             for s, b in ((128, 200), (64, 50))]
+    got = fit(items, steps, limit=100)
+    assert got.settings() == {"featurevis.image_size": 64}
+    (group,) = summary(items, got.applied)
+    assert group["what"] == ["64 px"] and group["bytes"] == 350

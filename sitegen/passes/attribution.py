@@ -258,10 +258,18 @@ def attribute_units(ctx: BuildContext, name: str, units: list[tuple[int, int, in
     window = first[2] - first[0]
     plan = LayerPlan(0, name, info.channels, window, min(window, max_side), c, j, image, y, x,
                      np.array([b[0] for b in boxes], dtype=np.int64), np.array([b[1] for b in boxes], dtype=np.int64))
-    out = {meth: np.full((info.channels, m, plan.side, plan.side, 3), GREY, dtype=np.uint8) for meth in methods}
+    out = {meth: _Slots() for meth in methods}  # not a (channels, m, ...) array: 2048 channels would be GBs
     AttributionPass(AttributionConfig(methods=tuple(methods), max_side=max_side))._batch(
         ctx, plan, slice(0, m), methods, pixels, out)
-    return plan, {meth: out[meth][plan.c, plan.j] for meth in methods}
+    return plan, {meth: np.stack([out[meth][(int(cc), int(jj))] for cc, jj in zip(plan.c, plan.j)])
+                  for meth in methods}
+
+
+class _Slots(dict):
+    """Crops by (channel, slot), written as ``_batch`` writes into the pass's arrays."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__((int(key[0]), int(key[1])), value)
 
 
 def unit_crops(result: Result, layer: str, channel: int, method: str) -> np.ndarray:

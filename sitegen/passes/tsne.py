@@ -31,7 +31,7 @@ from .base import AnalysisPass, Result
 from .sampling import labels_match_outputs, output_names, stratified_sample
 
 NEIGHBOURS = 10
-PROBE_POINTS = 128
+PROBE_POINTS = 64
 """Points the estimate embeds (with the configured iterations) to time t-SNE on this machine."""
 PROBE_GRID = 256
 """Points the estimate snaps to a grid to time the assignment (cubic in the points)."""
