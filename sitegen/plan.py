@@ -36,6 +36,9 @@ class BudgetError(SitegenError):
 
 
 DEFAULT_METHODS = AttributionConfig().methods
+HEADROOM = 0.9
+"""Parts are left out until the estimate is within this share of ``site.max_bytes``: the estimate is
+within about ±15 % of real sites, and a site over GitHub Pages' limit does not publish at all."""
 FEATUREVIS_SIDES = (128, 64, 32)
 """Smaller feature-visualisation sizes the budget may choose, largest first."""
 REMOVE = "--max-bytes 0 (or site.max_bytes = 0) builds everything, whatever the size"
@@ -285,8 +288,9 @@ def choose(ctx: BuildContext, sizes: SizeSamples) -> tuple[BuildContext, list[Si
     items, missing = estimate_site(ctx, sizes)
     # Given layers, the user has chosen what to show: nothing is left out behind their back.
     steps = reductions(ctx, sizes, items) if limit > 0 and not ctx.config.layers else []
-    fitted = fit(items, steps, limit)
-    if not fitted.fits:
+    fitted = fit(items, steps, int(limit * HEADROOM))
+    fitted.limit = limit
+    if limit > 0 and fitted.bytes > limit:
         if ctx.config.layers:  # the user chose: refuse, with what each option would save
             listed = reductions(_as_if_unchosen(ctx), sizes, items)
             raise refusal(items, [s for s in listed if s.group != "layers"], limit)
