@@ -514,7 +514,8 @@ def _custom_function(node: Any) -> str | None:
 def find_activations(model: nn.Module, example: torch.Tensor | tuple[int, ...],
                      layers: Sequence[str] = ()) -> ActivationReport:
     """Every activation kind of ``model``'s forward on ``example`` (one input ``(C, H, W)``, or a
-    shape to fill with seeded noise), with the rules used, from one recorded forward.
+    shape ``(C, H, W)`` or ``(H, W)`` to fill with seeded noise, ``C`` then being the first
+    convolution's input channels), with the rules used, from one recorded forward.
 
     Also, for each of ``layers``, the kinds without a rule that lie on a path from the input to
     that layer's output (read off the autograd graph, so a branch that does not feed the layer does
@@ -525,8 +526,8 @@ def find_activations(model: nn.Module, example: torch.Tensor | tuple[int, ...],
         x = example.detach().to(device)
         x = x.unsqueeze(0) if x.dim() == 3 else x[:1]
     else:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn((1, *example), generator=gen).to(device)
+        shape = tuple(example) if len(example) == 3 else (_input_channels(model), *example)
+        x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     stack: list[nn.Module] = []
     mode = _RecordMode(stack)
 
@@ -564,6 +565,10 @@ def find_activations(model: nn.Module, example: torch.Tensor | tuple[int, ...],
     return ActivationReport(tuple(kinds), affected)
 
 
+def _input_channels(model: nn.Module) -> int:
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+
+
 def _kinds(mode: _RecordMode, nodes: Iterable[Any]) -> list[ActivationKind]:
     kinds = []
     for kind, how in mode.calls.items():
@@ -589,6 +594,8 @@ def describe_unruled(report: ActivationReport, layers: int | None = None) -> str
         return None
     where = ""
     if layers is not None:
-        where = f" ({len(report.affected)} of {layers} layers lie behind them; their channel pages say so)"
+        n = len(report.affected)
+        where = (f" ({n} of {layers} selected layer{'s' if layers != 1 else ''} lie{'s' if n == 1 else ''} behind "
+                 f"{'them' if len(names) > 1 else 'it'}; their channel pages say so)")
     return (f"guided backprop and deconvnet have no rule for {', '.join(names)}: the plain gradient (or the "
             f"function's own backward) is used there, so their pictures are closer to the gradient's{where}")

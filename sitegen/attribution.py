@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,20 @@ class AttributionError(SitegenError):
 
 class AttributionWarning(UserWarning):
     """The model runs an activation the chosen method has no rule for."""
+
+
+@contextlib.contextmanager
+def _rule(method: str) -> Iterator[set[str]]:
+    """Apply the method's rules inside the block; yields the set of rule-less kinds seen.
+
+    Nothing is patched: the mode is popped on exit, also when the forward raises.
+    """
+    if method == "gradient":
+        yield set()
+        return
+    mode = RuleMode(RuleState(method))
+    with mode:
+        yield mode.unhandled
 
 
 # --- argument checks ------------------------------------------------------------------------------

@@ -510,7 +510,7 @@ def test_find_activations_names_kinds_calls_and_affected_layers():
     assert report.affected == {"a": ("softplus",), "head": ("softplus",)}
     assert report.unruled == ["softplus"]
     assert ActivationReport.from_dict(report.to_dict()) == report
-    assert "softplus" in describe_unruled(report, 4) and "2 of 4 layers" in describe_unruled(report, 4)
+    assert "softplus" in describe_unruled(report, 4) and "2 of 4 selected layers lie behind it" in describe_unruled(report, 4)
 
 
 def test_find_activations_gates_products_and_custom_functions():
@@ -563,3 +563,41 @@ def test_attribution_warns_about_kinds_without_rule():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Softplus(), nn.Conv2d(4, 4, 1))
     with pytest.warns(AttributionWarning, match="softplus"):
         attribute(model, INPUTS, "2", UNITS, "guided")
+
+
+# --- torchvision's architectures --------------------------------------------------------------------
+
+TORCHVISION = {
+    # name: (a layer behind activations, the kinds in the order met)
+    "mobilenet_v3_small": ("features.4.block.0.0", ["hardswish", "relu", "hardsigmoid", GATE]),
+    "efficientnet_b0": ("features.2.0.block.0.0", ["silu", "sigmoid", GATE]),
+    "regnet_y_400mf": ("trunk_output.block1.block1-0.f.b.0", ["relu", "sigmoid", GATE]),
+    "convnext_tiny": ("features.1.1.block.0", ["gelu"]),
+    "mobilenet_v2": ("features.3.conv.0.0", ["relu6"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION))
+def test_torchvision_models_kinds_and_rules(name: str):
+    import torchvision
+
+    layer, kinds = TORCHVISION[name]
+    model = torchvision.models.get_model(name, weights=None).train()
+    with torch.no_grad():  # ConvNeXt starts its residual branches at 1e-6 (layer scale): make them dominate
+        for m in model.modules():
+            if isinstance(getattr(m, "layer_scale", None), torch.Tensor):
+                m.layer_scale.fill_(100.0)
+    flags = [p.requires_grad for p in model.parameters()]
+    report = find_activations(model, (3, 32, 32), layers=[layer])
+    assert [k.kind for k in report.kinds] == kinds and all(k.ruled for k in report.kinds)
+    assert report.affected == {}
+    if GATE in kinds:
+        assert next(k for k in report.kinds if k.kind == GATE).calls == ("* in SqueezeExcitation",)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributionWarning)
+        got = attribute_methods(model, x, layer, [(0, 1, 1), (1, 0, 0)])
+    for method in ("guided", "deconvnet"):
+        assert (got[method] - got["gradient"]).abs().max() > 0.1 * got["gradient"].abs().max(), method
+    assert all(m.training for m in model.modules()) and [p.requires_grad for p in model.parameters()] == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
