@@ -96,3 +96,38 @@ class MarkupCNN(TinyCNN):
 def markup_cnn(num_classes: int = 3) -> MarkupCNN:
     torch.manual_seed(0)
     return MarkupCNN(num_classes)
+
+
+class SoftplusBlock(nn.Module):
+    """A residual block (conv, activation, conv, add) whose activation is a softplus (no attribution
+    rule) when ``soft``, a SiLU otherwise."""
+
+    def __init__(self, channels: int, soft: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = nn.Identity()
+        self.soft = soft
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = F.softplus(h) if self.soft else F.silu(h)
+        return F.silu(self.conv2(h) + self.shortcut(x))
+
+
+class SoftplusResNet(nn.Module):
+    """A stem and one residual stage of two blocks on 16x16 inputs; the second block has a softplus."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(SoftplusBlock(4, soft=False), SoftplusBlock(4, soft=True))
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(F.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def softplus_resnet(num_classes: int = 3) -> SoftplusResNet:
+    torch.manual_seed(0)
+    return SoftplusResNet(num_classes)

@@ -32,6 +32,17 @@ tiny_models = _load_tiny_models()
 PATCH = 16
 
 
+ONLY_ATTRIBUTION = "".join(f"[{section}]\nenabled = false\n"
+                           for section in ("occlusion", "tsne", "kernels", "activations", "featurevis"))
+"""Config lines that leave out the passes these tests do not look at (they only cost time)."""
+
+
+def config_file(folder: Path, extra: str = "") -> str:
+    path = folder / "site.toml"
+    path.write_text(ONLY_ATTRIBUTION + extra, encoding="utf-8")
+    return str(path)
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -90,13 +101,12 @@ def smooth_site(tmp_path_factory):
     for i in range(8):
         (root / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "imgs" / f"c{i % 2}" / f"{i}.png")
-    config = root / "site.toml"
-    config.write_text(f'[site]\nimage_format = "png"\npatch_size = {PATCH}\n', encoding="utf-8")
+    config = config_file(root, f'[site]\nimage_format = "png"\npatch_size = {PATCH}\n')
     out = root / "site"
     code = None
     try:
         main(["-q", "build", str(root / "m.pt"), "--images", str(root / "imgs"), "--arch",
-              f"{TINY}:smooth_cnn_softplus", "-o", str(out), "--no-cache", "--k", "4", "-c", str(config)])
+              f"{TINY}:smooth_cnn_softplus", "-o", str(out), "--no-cache", "--k", "4", "-c", config])
     except SystemExit as e:
         code = e.code
     assert not code
@@ -151,7 +161,8 @@ def test_markup_in_a_kind_is_escaped_everywhere(tmp_path, make_images, capsys):
     make_images(tmp_path / "imgs", 6, size=16)
     out = tmp_path / "site"
     code, _, err = run_cli(["build", str(tmp_path / "m.pt"), "--images", str(tmp_path / "imgs"), "--arch",
-                            f"{TINY}:markup_cnn", "-o", str(out), "--no-cache", "--k", "2"], capsys)
+                            f"{TINY}:markup_cnn", "-o", str(out), "--no-cache", "--k", "2",
+                            "-c", config_file(tmp_path)], capsys)
     assert code == 0, err
     assert "warning: guided backprop and deconvnet have no rule for custom autograd.Function <b>Evil</b>" in err
     for page in (out / "index.html", out / "layers" / "conv2" / "0.html"):
@@ -179,3 +190,18 @@ def test_layers_command_lists_activations(tmp_path, capsys, monkeypatch):
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "hardswish" in stdout and "nn.Hardswish" in stdout and "σ(x)·(1 + x·(1 − σ(x)))" in stdout
+
+
+def test_stage_pages_name_an_unruled_kind_of_any_block_shown(tmp_path, make_images, capsys):
+    torch.save(tiny_models.softplus_resnet().state_dict(), tmp_path / "m.pt")
+    make_images(tmp_path / "imgs", 6, size=16)
+    out = tmp_path / "site"
+    code, _, err = run_cli(["-q", "build", str(tmp_path / "m.pt"), "--images", str(tmp_path / "imgs"), "--arch",
+                            f"{TINY}:softplus_resnet", "-o", str(out), "--no-cache", "--k", "2",
+                            "-c", config_file(tmp_path)], capsys)
+    assert code == 0, err
+    stage = read(out / "stages" / "layer1" / "0.html").text
+    assert "no rule for softplus" in stage  # layer1.1 (shown there) lies behind it
+    assert "no rule for softplus" in read(out / "layers" / "layer1.1" / "0.html").text
+    for layer in ("layer1.0", "layer1.1.conv1"):  # before the softplus runs
+        assert "no rule" not in read(out / "layers" / layer / "0.html").text
