@@ -153,7 +153,6 @@ _SPELLINGS = _spellings()
 _MULS = {torch.mul: "torch.mul", torch.multiply: "torch.multiply", Tensor.mul: "*", Tensor.mul_: "*=",
          Tensor.multiply: "Tensor.multiply", Tensor.multiply_: "Tensor.multiply_",
          Tensor.__mul__: "*", Tensor.__rmul__: "*", Tensor.__imul__: "*="}
-RULED_KINDS = frozenset(RULES) - {GATE}
 
 
 def _lookup(table: dict, func: Any) -> Any:
