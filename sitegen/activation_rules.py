@@ -221,14 +221,16 @@ def _activation_call(sp: _Spelling, args: tuple, kwargs: dict) -> Call | None:
         lo = args[0] if args else kwargs.get("min_val", -1.0)
         hi = args[1] if len(args) > 1 else kwargs.get("max_val", 1.0)
         kind = "relu6" if (lo, hi) == (0, 6) else "hardtanh"
-    pure = None
-    if sp.oop is not None:
-        oop, rest, named = sp.oop, tuple(args), kwargs
+    return Call(kind, sp.display, x, inplace, _bind(sp.oop, tuple(args), kwargs) if sp.oop else None)
 
-        def pure(t: torch.Tensor) -> torch.Tensor:
-            return oop(t, *rest, **named)
 
-    return Call(kind, sp.display, x, inplace, pure)
+def _bind(oop: Callable, rest: tuple, named: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t -> oop(t, *rest, **named)``: the activation out of place, its other arguments bound."""
+
+    def pure(t: torch.Tensor) -> torch.Tensor:
+        return oop(t, *rest, **named)
+
+    return pure
 
 
 def _operands(args: tuple, kwargs: dict) -> list[tuple[int | str, Any]]:
