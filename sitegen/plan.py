@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,7 +346,10 @@ def make_plan(ctx: BuildContext, cache: Cache | None = None, *, timed: bool = Tr
     context to build with.  Raises :class:`BudgetError` for a plan that may not be reduced."""
     t0 = time.perf_counter()
     sizes = SizeSamples(ctx)
-    with progress.silenced():
+    # Silenced: the probe runs passes' own code on a few images; what it would say (progress,
+    # warnings about the model) the passes say themselves when they run.
+    with progress.silenced(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         chosen, items, fitted, missing, left_out = choose(ctx, sizes)
         probe = Probe(chosen)
         passes = estimate_passes(chosen, cache, probe) if timed and chosen.dist.is_main else []
