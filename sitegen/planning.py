@@ -89,6 +89,11 @@ def count(n: int | float) -> str:
     return f"{int(round(n)):,}"
 
 
+MIN_ITEMS = 8
+"""The probe's largest call has at least this many items (or the pass's whole batch): extrapolating
+from one or two items to a batch of 64 would turn noise into the per-item cost."""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,8 +179,8 @@ class Probe:
 
     def fit(self, key: str, fn: Callable[[int], Any], cap: int, target: float | None = None,
             warm: bool = True) -> Fit:
-        """Time ``fn(n)`` for n = 1, 2, 4, ... until a call takes ``target`` seconds or n reaches
-        ``cap``, and fit ``fixed + per_item · n`` through the last two sizes.
+        """Time ``fn(n)`` for n = 1, 2, 4, ... until a call takes ``target`` seconds and n is at least
+        MIN_ITEMS (or n reaches ``cap``), and fit ``fixed + per_item · n`` through the last two sizes.
 
         The first call runs untimed (``warm``: memory allocation, kernel selection and caches are
         one-off costs a long pass pays once).  Short calls are repeated and the fastest kept: on a
@@ -191,7 +196,7 @@ class Probe:
         if warm:
             self.time(lambda: fn(1))
         points = [(1, self.best(lambda: fn(1), target))]
-        while points[-1][0] < cap and points[-1][1] < target:
+        while points[-1][0] < cap and (points[-1][1] < target or points[-1][0] < MIN_ITEMS):
             n = min(cap, 2 * points[-1][0])
             points.append((n, self.best(lambda: fn(n), target)))
         if len(points) == 1:
