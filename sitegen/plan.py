@@ -361,8 +361,9 @@ def make_plan(ctx: BuildContext, cache: Cache | None = None, *, timed: bool = Tr
 
 
 def announce(plan: Plan | None, name: str, elapsed: float) -> None:
-    """Before a pass: its estimate and about how long the rest of the build will take, the plan's
-    remaining estimates scaled by how the build has kept to the plan so far."""
+    """Before a pass: its estimate and about how long the passes left will take: the plan's estimates,
+    scaled by how the build has kept to the plan so far once a tenth of the planned time is done
+    (before, one quick pass would say little about the others)."""
     if plan is None:
         return
     p = plan.estimate_of(name)
@@ -373,10 +374,10 @@ def announce(plan: Plan | None, name: str, elapsed: float) -> None:
         if q.name == name:
             break
         done += q.seconds or 0.0
-    pace = elapsed / done if done > 1.0 and elapsed > 0 else 1.0
+    pace = elapsed / done if done >= 0.1 * plan.seconds and done > 1.0 and elapsed > 0 else 1.0
     left = sum(q.seconds or 0.0 for q in plan.passes[plan.passes.index(p):]) * pace
-    progress.info(f"{name}: estimated {human_seconds(p.seconds * pace)}; about {human_seconds(left)} "
-                  "of passes left")
+    progress.info(f"{name}: estimated {human_seconds(p.seconds)}; about {human_seconds(left)} of passes left"
+                  + (f" (at {pace:.2g}× the plan's pace so far)" if pace != 1.0 else ""))
 
 
 def comparison(plan: Plan, timings: dict[str, float], cached: dict[str, bool], site_bytes: int,
