@@ -377,7 +377,7 @@ def announce(plan: Plan | None, name: str, elapsed: float) -> None:
     pace = elapsed / done if done >= 0.1 * plan.seconds and done > 1.0 and elapsed > 0 else 1.0
     left = sum(q.seconds or 0.0 for q in plan.passes[plan.passes.index(p):]) * pace
     progress.info(f"{name}: estimated {human_seconds(p.seconds)}; about {human_seconds(left)} of passes left"
-                  + (f" (at {pace:.2g}× the plan's pace so far)" if pace != 1.0 else ""))
+                  + (f" (the passes so far took {pace:.2g}× their estimates)" if pace != 1.0 else ""))
 
 
 def comparison(plan: Plan, timings: dict[str, float], cached: dict[str, bool], site_bytes: int,
