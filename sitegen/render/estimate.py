@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..context import BuildContext
+from ..errors import SitegenError
 from ..planning import SiteItem, SizeSamples
 from .pages import TILES_PER_PAGE, channel_url, slug, sprite_url
 from .sizing import row0_bytes, texts
@@ -86,7 +87,13 @@ def estimate_site(ctx: BuildContext, sizes: SizeSamples) -> tuple[list[SiteItem]
     items = core_items(ctx, sizes)
     missing: list[str] = []
     for v in registered():
-        got = v.estimate(ctx, sizes)
+        try:
+            got = v.estimate(ctx, sizes)
+        except SitegenError:
+            raise  # bad input: said now, before any work
+        except Exception as e:  # an estimate must never stop a build that would work
+            missing.append(f"{v.name or type(v).__name__} (estimate failed: {type(e).__name__}: {str(e)[:80]})")
+            continue
         if got is None:
             missing.append(v.name or type(v).__name__)
             continue
