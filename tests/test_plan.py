@@ -193,15 +193,19 @@ def test_a_pass_or_view_without_an_estimate_is_said_to_have_none(resnet_setup, m
     monkeypatch.setattr(plan_mod, "default_passes", lambda cfg: real(cfg) + [Unplanned()])
     import sitegen.render.estimate as estimate_mod
 
+    def broken(self, ctx, sizes):
+        raise RuntimeError("a bug in an estimate")
+
     registered = estimate_mod.registered
-    monkeypatch.setattr(estimate_mod, "registered", lambda: registered() + [type("Silent", (View,), {"name": "silent"})()])
+    extra = [type("Silent", (View,), {"name": "silent"})(), type("Broken", (View,), {"name": "broken", "estimate": broken})()]
+    monkeypatch.setattr(estimate_mod, "registered", lambda: registered() + extra)
     _root, ckpt, images = resnet_setup
     cfg = from_dict({"model": {"arch": RESNET_ARCH}, **SMALL})
     plan, _ = make_plan(prepare(ckpt, images, cfg, None), None)
     text = "\n".join(plan.lines())
     assert "unplanned" in text and "no estimate" in text
     assert "(+ unplanned: no estimate)" in text  # the total says what it does not count
-    assert "no estimate for the views: silent" in text
+    assert "no estimate for the views: silent, broken (estimate failed: RuntimeError: a bug in an estimate)" in text
 
 
 def test_a_build_over_the_budget_leaves_out_rows_and_says_so(resnet_setup, tmp_path, capsys):
