@@ -319,3 +319,43 @@ def test_small_build(name, tmp_path, make_images):
             maps = [p.read_text() for p in (out / "activations").glob("*.html") if p.name != "index.html"]
             assert maps and all("each square is one value per channel" in m for m in maps)
     assert (out / "kernels" / "index.html").is_file() and (out / "index.html").is_file()
+
+
+def test_stage_views_and_neighbours_beyond_resnet(tmp_path, make_images):
+    """MobileNet v2's flat container: a run of blocks of one width gets a stage page following a
+    channel across its blocks, and the channel pages link the same role in the other block."""
+    name, side = "mobilenet_v2", 32
+    torch.save(make(name).state_dict(), tmp_path / "m.pt")
+    make_images(tmp_path / "imgs", 4, size=side, classes=2)
+    chosen = ["features.5", "features.5.conv.2", "features.6", "features.6.conv.2"]
+    from sitegen import config as config_mod
+
+    cfg = tiny_config(chosen)
+    for section in ("occlusion", "tsne", "activations", "featurevis", "kernels"):
+        cfg = config_mod.with_overrides(cfg, section, enabled=False)
+    cfg = config_mod.with_overrides(cfg, "model", arch=f"torchvision:{name}")
+    build(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "site", cfg, cache_dir=None)
+    site = tmp_path / "site"
+    atlas = json.loads((site / "data" / "atlas.json").read_text())
+    assert {l["stage"] for l in atlas["layers"]} == {"features[5:7]"}
+    stage_pages = [p for p in (site / "stages").rglob("*.html") if p.name != "index.html"]
+    assert len(stage_pages) == 32  # one per channel of the 32-wide stage
+    page = next(p for p in stage_pages if p.name == "3.html").read_text()
+    assert "features.5" in page and "features.6" in page and "features.6.conv.2" in page
+    channel = (site / "layers" / "features.6.conv.2" / "3.html").read_text()
+    assert 'href="../features.5.conv.2/3.html"' in channel  # the same role in the other block
+
+
+def test_neighbours_follow_block_module_names():
+    """RegNet's blocks are called ``block2-0``, ``block2-1``: the same role in the other blocks is
+    found by the block's module name, not by ``<stage>.<index>``."""
+    from types import SimpleNamespace
+
+    from sitegen.render.site import _neighbours
+
+    layers = [l for l in discover(make("regnet_x_400mf"), (3, 32, 32))
+              if l.name.startswith("trunk_output.block2.")]
+    ctx = SimpleNamespace(layers=layers, all_layers=layers)
+    i = next(i for i, l in enumerate(layers) if l.name == "trunk_output.block2.block2-1.f.c.0")
+    assert [n["name"] for n in _neighbours(ctx, i)] == ["trunk_output.block2.block2-0.f.c.0",
+                                                       "trunk_output.block2.block2-1.f.c.0"]
