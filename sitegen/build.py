@@ -49,9 +49,10 @@ class BuildReport:
 
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
-    """Layer discovery (a probe forward/backward per layer) is cached like a pass result."""
+    """Layer discovery (a traced forward; a probe backward per layer the arithmetic cannot follow)
+    is cached like a pass result."""
     arch = hashlib.sha256(model.arch.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # hash() is per-process
-    key = f"layers-v1-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
+    key = f"layers-v2-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
     path = cache / f"{key}.json" if cache else None
     if path and path.is_file():
         try:

@@ -145,7 +145,7 @@ def layers(
         h, w = side, side
     found = discover(loaded.model, (3, h, w))
     columns = ("layer", "kind", "channels", "output", "receptive field", "stride", "caffe")
-    rows = [(l.name, l.kind, str(l.channels), "×".join(map(str, l.shape)), f"{l.rf.size} px", str(l.rf.stride),
+    rows = [(l.name, l.kind, str(l.channels), "×".join(map(str, l.shape)), l.rf.size_text(), l.rf.stride_text(),
              l.caffe) for l in found]
     if not sys.stdout.isatty():
         # Piped or redirected: whole names (they go into `layers = [...]`), one tab-separated row each.

@@ -16,6 +16,7 @@ import pickle
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -120,14 +121,14 @@ def extract(obj: Any, name: str) -> nn.Module | dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj
     if _is_state_dict(obj):
-        return strip_prefixes(dict(obj))
+        return strip_prefixes(obj)
     if isinstance(obj, Mapping):
         for key in STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
                 return inner
             if _is_state_dict(inner):
-                return strip_prefixes(dict(inner))
+                return strip_prefixes(inner)
         keys = ", ".join(repr(k) for k in list(obj)[:8])
         raise ModelLoadError(
             f"{name} is a dict without a state dict (keys: {keys})",
@@ -137,23 +138,36 @@ def extract(obj: Any, name: str) -> nn.Module | dict[str, torch.Tensor]:
                          "save `model.state_dict()` with torch.save")
 
 
-def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove prefixes that wrappers add to every key (DataParallel's ``module.``)."""
+def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove prefixes that wrappers add to every key (DataParallel's ``module.``).
+
+    The result keeps the state dict's ``_metadata`` (the version each module was saved with,
+    which some modules read while loading: torchvision's MNASNet refuses a state dict without it),
+    its keys stripped the same way."""
+    meta = getattr(sd, "_metadata", None)
+    out: dict[str, torch.Tensor] = OrderedDict(sd)
     changed = True
     while changed:
         changed = False
         for p in PREFIXES:
-            if sd and all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
+            if out and all(k.startswith(p) for k in out):
+                out = OrderedDict((k[len(p):], v) for k, v in out.items())
+                if meta is not None:
+                    bare = p[:-1]  # the wrapper's own entry ("module") becomes the root ("")
+                    meta = OrderedDict(("" if k == bare else k[len(p):] if k.startswith(p) else k, v)
+                                       for k, v in meta.items() if k == bare or k.startswith(p) or k == "")
                 changed = True
-    return sd
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def infer_num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
-    """Output size of the last 2-D weight (the classifier) in the state dict's order."""
+    """Output size of the classifier: the last weight in the state dict's order that is 2-D (a
+    Linear) or a 1×1 convolution's (SqueezeNet's and other heads written as convolutions)."""
     last = None
     for k, v in sd.items():
-        if k.endswith("weight") and v.ndim == 2:
+        if k.endswith("weight") and (v.ndim == 2 or (v.ndim == 4 and tuple(v.shape[2:]) == (1, 1))):
             last = v
     return int(last.shape[0]) if last is not None else None
 
@@ -205,13 +219,41 @@ def build_architecture(spec: str, sd: Mapping[str, torch.Tensor] | None) -> nn.M
     n = infer_num_classes(sd) if sd is not None else None
     if n is not None and _accepts(factory, "num_classes"):
         kwargs["num_classes"] = n
+    model = _call(factory, spec, kwargs)
+    if sd is not None:
+        aux = _aux_heads(model, sd)
+        if aux is not None:
+            # Inception v3 and GoogLeNet train with auxiliary classifiers, unused at evaluation, and
+            # checkpoints come with or without them: build the model the way the weights were saved.
+            model = _call(factory, spec, {**kwargs, "aux_logits": aux})
+    return model
+
+
+def _call(factory: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        model = factory(**kwargs)
+        with warnings.catch_warnings():
+            # torchvision's GoogLeNet and Inception v3 warn that their default weight init will change;
+            # the weights are loaded right after, so the init does not matter.
+            warnings.filterwarnings("ignore", message=".*default weight initialization.*")
+            model = factory(**kwargs)
     except Exception as e:
         raise ModelLoadError(f"calling {spec} failed: {_short(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _aux_heads(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool | None:
+    """``aux_logits`` to rebuild ``model`` with so that its auxiliary heads match the checkpoint's,
+    or None when they already do (or the model has no ``aux_logits`` switch)."""
+    if not isinstance(getattr(model, "aux_logits", None), bool):
+        return None
+    heads = {n for n, _ in model.named_children() if n.lower().startswith("aux")}
+    if not heads:
+        return None
+    in_model = any(k.split(".", 1)[0] in heads for k in model.state_dict())
+    in_sd = any(k.split(".", 1)[0] in heads for k in sd)
+    return in_sd if in_sd != in_model else None
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -242,7 +284,31 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str, sp
             f"the weights in {name} do not fit the architecture {spec}: {'; '.join(parts)}",
             "check that --arch names the architecture that saved these weights",
         )
+    if getattr(sd, "_metadata", None) is None:
+        sd = _with_versions(model, sd, expected)
     model.load_state_dict(sd, strict=True)
+
+
+def _with_versions(model: nn.Module, sd: Mapping[str, torch.Tensor],
+                   expected: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A state dict copied into a plain ``dict`` has lost the module versions it was saved with
+    (``_metadata``); some modules refuse to load without one (torchvision's MNASNet).  The shapes
+    match this architecture, so its own versions stand in, but only for modules whose every
+    parameter and buffer the checkpoint has: a module that lacks one (a BatchNorm saved before
+    PyTorch 0.4.1, without ``num_batches_tracked``) keeps "no version", which tells it to fill the
+    gap in as it always did."""
+    versions = getattr(expected, "_metadata", None)
+    if versions is None:
+        return sd
+    meta = OrderedDict()
+    for prefix, m in model.named_modules():
+        own = [f"{prefix}.{k}" if prefix else k for k, _ in
+               (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
+        if prefix in versions and all(k in sd for k in own if k in expected):
+            meta[prefix] = versions[prefix]
+    out = OrderedDict(sd)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def check_finite(model: nn.Module, name: str) -> None:
@@ -301,7 +367,7 @@ def load_model(path: str | Path, arch: str = "", trust_pickle: bool = False) -> 
     if isinstance(content, nn.Module):
         model = content
         if arch:
-            sd = strip_prefixes(dict(model.state_dict()))
+            sd = strip_prefixes(model.state_dict())
             model = build_architecture(arch, sd)
             load_weights(model, sd, p.name, arch)
         num_classes = infer_num_classes(model.state_dict())

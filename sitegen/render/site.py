@@ -20,6 +20,7 @@ from .. import __version__, progress
 from ..context import BuildContext
 from ..crops import PixelCache, crop_box, display_box
 from ..images import load_pixels, shown
+from ..layers import ReceptiveField
 from ..passes.base import Result
 from ..passes.topk import channel_top
 from .pages import (Page, RenderOptions, channel_url, class_anchor, class_url, layer_url, relative_root,
@@ -92,7 +93,7 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
             })
         layers.append({
             "name": info.name, "kind": info.kind, "shape": list(info.shape),
-            "receptive_field": {"size": info.rf.size, "stride": info.rf.stride, "offset": info.rf.offset},
+            "receptive_field": info.rf.to_json(),
             "stage": info.stage, "block": info.block, "caffe": info.caffe, "branch": info.branch,
             "channels": channels,
         })
@@ -116,15 +117,35 @@ def _neighbours(ctx: BuildContext, layer_index: int) -> list[dict[str, Any]]:
     info = ctx.layers[layer_index]
     if not info.stage:
         return []
-    prefix = f"{info.stage}.{info.block}"
-    suffix = info.name[len(prefix):]
+    # Each block's module name, by its index in the stage (RegNet's blocks are ``block2-0``, ...).
+    owners = {l.block: l.name for l in ctx.all_layers if l.kind == "block" and l.stage == info.stage}
+    if info.block not in owners:
+        return []
+    suffix = info.name[len(owners[info.block]):]
     out = []
     for other in ctx.layers:
-        if other.stage == info.stage and other.name == f"{other.stage}.{other.block}{suffix}" \
+        if other.stage == info.stage and other.block in owners and other.name == f"{owners[other.block]}{suffix}" \
                 and other.channels == info.channels:
             out.append({"name": other.name, "caffe": other.caffe, "block": other.block,
                         "current": other.name == info.name})
     return out if len(out) > 1 else []
+
+
+def field_text(rf: dict[str, int]) -> str:
+    """A layer's field in words for the tables: ``35 px, stride 8``, ``whole image (pooled)``."""
+    return ReceptiveField(**rf).describe()
+
+
+def field_context(rf: dict[str, int]) -> dict[str, Any]:
+    """What the layer and channel pages say about a layer's field and its patches."""
+    f = ReceptiveField(**rf)
+    if f.pooled:
+        return {"pooled": True, "text": f.describe(), "box": "", "note": "",
+                "crop": "whole (the layer runs on a globally pooled map: one value per channel and image)"}
+    note = "" if f.size == f.size_x else \
+        f" The field is {f.size_x} px wide and {f.size} px high; the patch is the square around it."
+    return {"pooled": False, "text": f.describe(), "box": f"{f.size_x}×{f.size} px", "note": note,
+            "crop": "cropped to the receptive field"}
 
 
 def dull_channels(channels: list[dict[str, Any]], ratio: float) -> list[int]:
@@ -150,7 +171,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         dead = [ch["channel"] for ch in layer["channels"] if ch["stats"]["max"] <= 0]
         dull = dull_channels(layer["channels"], ctx.config.site.dull_ratio)
         layer_rows.append({**{key: layer[key] for key in ("name", "kind", "shape", "caffe", "stage")},
-                           "rf": layer["receptive_field"], "url": layer_url(layer["name"]),
+                           "rf": layer["receptive_field"], "rf_text": field_text(layer["receptive_field"]),
+                           "url": layer_url(layer["name"]),
                            "dead": len(dead), "dull": len(dull), "channels": layer["shape"][0]})
         if dead:
             dead_rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(dead),
@@ -179,11 +201,13 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                   "dull": ch["channel"] in dull,
                   "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
         crumbs = [("index.html", "atlas")]
+        field = field_context(layer["receptive_field"])
         paging = tile_pages(name, n)
         for part in paging:
             shown_range = "" if part["number"] == 1 else f" channels {part['first']}–{part['last']}"
             pages.append(Page(part["path"], "layer.html", {
                 "layer": layer, "tiles": tiles[part["first"]:part["last"] + 1], "k": k, "patch": opts.patch_size,
+                "field": field,
                 "tile_scale": 1 / 3, "paging": [{**q, "current": q is part,
                                                  "rel": {-1: "prev", 1: "next"}.get(q["number"] - part["number"])}
                                                 for q in paging],
@@ -194,7 +218,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
             cells = [{**e, "col": j, "name": e["image"].rsplit("/", 1)[-1]} for j, e in enumerate(ch["top"])]
             pages.append(Page(channel_url(name, c), "channel.html", {
                 "layer": {key: layer[key] for key in ("name", "kind", "shape", "caffe", "receptive_field")},
-                "channel": c, "channels": n, "cells": cells, "stats": ch["stats"], "k": k,
+                "channel": c, "channels": n, "cells": cells, "stats": ch["stats"], "k": k, "field": field,
                 "patch": opts.patch_size, "sprite": sprite_url(name, c, fmt).split("/")[-1],
                 "sprite_dir": f"../../img/{slug(name)}/",
                 "prev": f"{c - 1}.html" if c > 0 else None,
