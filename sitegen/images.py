@@ -153,11 +153,12 @@ _TURNED = frozenset({5, 6, 7, 8})
 
 def _upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of the picture once its EXIF orientation is applied, from the header alone.
+    Pillow's TIFF reader gives the upright size already (it turns the pixels itself when loading).
     A PNG keeps its EXIF where Pillow would have to decode the pixels to find it: read only when it
     came before them (PNGs with EXIF rotations are rare; the decoded size is checked again)."""
     w, h = img.size
     try:
-        if img.format == "PNG" and "exif" not in img.info:
+        if img.format == "TIFF" or (img.format == "PNG" and "exif" not in img.info):
             return w, h
         turned = img.getexif().get(_ORIENTATION) in _TURNED
     except Exception:  # noqa: BLE001 -- an unreadable EXIF block: exif_transpose will ignore it too
@@ -243,11 +244,14 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
 
 
 def resized_size(w: int, h: int, resize: int) -> tuple[int, int]:
-    """(width, height) after scaling the shorter side to ``resize`` (0: unchanged)."""
+    """(width, height) after scaling the shorter side to ``resize`` (0: unchanged).  The longer side
+    is truncated as torchvision's ``Resize`` does, so that with a torchvision architecture's own
+    transform the model gets exactly the pixels torchvision would give it."""
     if resize <= 0:
         return w, h
-    s = resize / min(w, h)
-    return max(1, round(w * s)), max(1, round(h * s))
+    if w <= h:
+        return resize, max(1, int(resize * h / w))
+    return max(1, int(resize * w / h)), resize
 
 
 def size_after(w: int, h: int, cfg: DataConfig) -> tuple[int, int]:

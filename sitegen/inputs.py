@@ -22,6 +22,7 @@ atlas's index page shows them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
@@ -196,6 +197,12 @@ def normalisation(data: DataConfig, channels: int, tv: Transform | None) -> tupl
 # --- the size --------------------------------------------------------------------------------------
 
 
+def _pct(share: float, digits: int = 0) -> str:
+    """A share as a percentage rounded down, so that 99.97 % of padding never reads "100"."""
+    scale = 10 ** digits
+    return f"{math.floor(share * 100 * scale) / scale:.{digits}f} %"
+
+
 def _wxh(hw: Sequence[int]) -> str:
     return f"{hw[1]}×{hw[0]}"
 
@@ -317,8 +324,8 @@ def _mixed_sizes(d: SizeDecision, groups: dict, upright: dict, data: DataConfig,
     now = _flags(data.resize, data.crop) or "no resize or crop"
     fix = _fix(groups, upright, data)
     return InputSizeError(
-        f"{len(d.minority)} {scope} ({100 * len(d.minority) / d.readable:.0f} %) would be skipped for their size: "
-        f"after preprocessing ({now}) {d.majority} are {_wxh(d.size)} and the others are {listed}",
+        f"{len(d.minority)} {scope} ({_pct(len(d.minority) / d.readable, 1 if len(d.minority) < 0.1 * d.readable else 0)}) would be skipped for their size: "
+        f"after preprocessing ({now}) {d.majority} are {_wxh(d.size)}; the rest: {listed}",
         f"add `{fix}` (data.resize / data.crop) so that every image has one size, or remove the odd images")
 
 
@@ -339,7 +346,7 @@ def _check_padding(d: SizeDecision, groups: dict, upright: dict, data: DataConfi
         w, h = resized[typical]
         raise InputSizeError(
             f"the crop {c} (--crop / data.crop) is larger than the images after resizing (typically {w}×{h}): "
-            f"{100 * share[typical]:.1f} % of a typical input would be black padding",
+            f"{_pct(share[typical], 1)} of a typical input would be black padding",
             f"add {grow} so that the shorter side is {c} before the crop, or crop at most {min(w, h)} "
             f"(--crop {min(w, h)})")
     worst = padded[0]
@@ -347,7 +354,7 @@ def _check_padding(d: SizeDecision, groups: dict, upright: dict, data: DataConfi
     d.notes.append(
         f"warning: the crop {c} is larger than {len(padded)} of {len(share)} images after resizing "
         f"(e.g. {images.records[worst].rel}, {w}×{h}): they are padded with black, up to "
-        f"{100 * share[worst]:.0f} % of the input; add {grow} to avoid it")
+        f"{_pct(share[worst])} of the input; add {grow} to avoid it")
 
 
 # --- everything together ---------------------------------------------------------------------------

@@ -279,3 +279,44 @@ def test_pixel_limit_from_the_config_file(tmp_path, capfd):
         ["build", str(_tiny_checkpoint(tmp_path)), "--images", str(root), "--arch", corpus.TINY_ARCH,
          "-o", str(tmp_path / "site"), "--config", str(cfg), "--no-cache"], capfd)
     corpus.assert_clean_failure(code, err, "16×16 pixels is over the limit of 200", "data.max_pixels")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+SIZE_CASES = corpus.size_corpus()
+
+
+@pytest.mark.parametrize("sc", SIZE_CASES, ids=[c.case for c in SIZE_CASES])
+def test_size_cases(tmp_path, capfd, sc, deadline):
+    """Folders whose images do not share a size, and crops that do not fit: the build either stops
+    before any pass with the flags that fix it, or builds and names every image it leaves out."""
+    root = tmp_path / "imgs"
+    sc.make(root)
+    out = tmp_path / "site"
+    cfg = corpus.fast_config(tmp_path / "fast.toml", topk={"k": 2})
+    code, _, err = corpus.run_cli(
+        ["build", str(_tiny_checkpoint(tmp_path)), "--images", str(root), "--arch", corpus.TINY_ARCH,
+         "-o", str(out), "--config", str(cfg), "--no-cache", *sc.flags], capfd)
+    for phrase in sc.phrases:
+        assert phrase in err, f"{phrase!r} not in {err!r}"
+    if sc.outcome == "stops":
+        corpus.assert_clean_failure(code, err)
+        assert "topk" not in err and "dataset" not in err  # stopped before any pass
+        assert not out.exists() and not list(tmp_path.glob(".site.building-*"))
+        return
+    assert code == 0, err
+    atlas = json.loads((out / "data" / "atlas.json").read_text(encoding="utf-8"))
+    data = atlas["data"]
+    skipped = {s["path"]: s["reason"] for s in data["skipped"]}
+    assert sorted(skipped) == sorted(sc.skipped), skipped
+    for rel in sc.skipped:
+        assert "after preprocessing differs from the input size" in skipped[rel]
+    # Nothing lost silently: every image file is used or listed as skipped.
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert data["images"] + len(skipped) == len(files) and data["used"] == data["images"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for rel in sc.skipped:
+        assert rel in index
+    if sc.note:
+        assert sc.note in index
+        assert any(sc.note in n for n in data["notes"]), data["notes"]
