@@ -45,7 +45,8 @@ MAX_SKIPPED = 0.01
 MAX_PADDING = 0.5
 """Largest share of a typical input that may be black padding (a crop larger than the images)."""
 DECODE_TRIES = 50
-"""Images of one size decoded at most to find one that reads (damaged files have sound headers)."""
+"""Images of one size decoded at most (spread over them) to find one that reads: damaged files have
+sound headers, so the most common size is confirmed by decoding an image of it."""
 
 
 class InputSizeError(ImageError):
@@ -208,9 +209,14 @@ def _wxh(hw: Sequence[int]) -> str:
 
 
 def _sample(n: int, limit: int) -> list[int]:
+    """At most ``limit`` indices of ``range(n)``, evenly spread (all of them if n ≤ limit)."""
     if n <= limit:
         return list(range(n))
     return sorted(set(np.linspace(0, n - 1, limit).round().astype(int).tolist()))
+
+
+def _spread(items: list[int], limit: int) -> list[int]:
+    return [items[k] for k in _sample(len(items), limit)]
 
 
 def _flags(resize: int, crop: int) -> str:
@@ -258,7 +264,7 @@ def decide_size(images: ImageList, data: DataConfig, sample: int = SAMPLE) -> Si
     order = sorted(groups, key=lambda s: (-len(groups[s]), groups[s][0]))
     chosen = None
     for s in order:
-        for i in groups[s][:DECODE_TRIES]:
+        for i in _spread(groups[s], DECODE_TRIES):
             try:
                 px = load_pixels(images, i, data)
             except ImageError as e:
@@ -396,6 +402,8 @@ def plan_without_images(model: nn.Module, arch: str, data: DataConfig, side: int
     """The input for a square image of ``side`` pixels (0: the crop, the resize, else 224) when
     there are no images to look at (``sitegen layers`` without ``--images``)."""
     data, notes, tv = preprocessing(arch, data)
+    if side:
+        notes = []  # the size given replaces the transform's: its note would mislead
     side = side or data.crop or data.resize or 224
     channels = input_channels(model, (side, side), data)
     data, more = normalisation(data, channels, tv)
