@@ -107,6 +107,17 @@ def jpeg_bytes(size=(32, 32), mode="RGB", seed=0) -> bytes:
     return buf.getvalue()
 
 
+def rotated_bytes(fmt: str, size=(24, 16), seed=0) -> bytes:
+    """An image stored ``size`` (width, height) with EXIF orientation 6: shown turned by 90°."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def gif_bytes(frames=3, size=(16, 16)) -> bytes:
     imgs = [Image.new("RGB", size, (80 * i, 255 - 80 * i, 40)) for i in range(frames)]
     buf = io.BytesIO()
@@ -184,6 +195,9 @@ def image_corpus() -> list[BadImage]:
         BadImage("animated-gif", "animated.gif", _write(gif_bytes()), "decodes"),
         BadImage("cmyk-jpeg", "cmyk.jpg", _write(jpeg_bytes(mode="CMYK")), "decodes"),
         BadImage("16-bit-png", "deep.png", _write(png_bytes(mode="I;16")), "decodes"),
+        BadImage("one-pixel", "dot.png", _write(png_bytes(size=(1, 1))), "decodes"),
+        BadImage("exif-rotated-jpeg", "turned.jpg", _write(rotated_bytes("JPEG")), "decodes"),
+        BadImage("exif-rotated-tiff", "turned.tif", _write(rotated_bytes("TIFF")), "decodes"),
         BadImage("non-utf8-name", NON_UTF8 + ".png", _write(png_bytes(seed=3)), "decodes"),
         BadImage("html-name", XSS_FILE + ".jpg", _write(jpeg_bytes(seed=4)), "decodes"),
         BadImage("quote-name", XSS_QUOTE + ".png", _write(png_bytes(seed=5)), "decodes"),

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from sitegen.config import DataConfig
 from sitegen.errors import ImageError
-from sitegen.images import discover, load_pixels, read_rgb, shown
+from sitegen.images import discover, header_size, load_pixels, read_rgb, shown
 
 
 
@@ -60,7 +60,7 @@ def _expected_pixels(case, path_bytes: bytes) -> np.ndarray:
         return np.repeat(grey[..., None], 3, axis=2)
     if case == "animated-gif":
         img.seek(0)
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.case for c in CASES])
@@ -87,6 +87,8 @@ def test_each_bad_image(tmp_path, bad, deadline):
     got = np.asarray(read_rgb(images.path(i), DataConfig().max_pixels, bad.name))
     want = _expected_pixels(bad.case, (root / bad.name).read_bytes())
     assert got.dtype == np.uint8 and got.shape == want.shape
+    # The input size is decided from headers: a file's header gives its decoded, upright size.
+    assert header_size(images.path(i), DataConfig().max_pixels) == (got.shape[1], got.shape[0])
     # CMYK -> RGB is the one conversion with rounding differences between code paths
     assert np.abs(got.astype(int) - want.astype(int)).max() <= (1 if bad.case == "cmyk-jpeg" else 0)
 
