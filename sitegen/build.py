@@ -16,7 +16,7 @@ from .activation_rules import ActivationReport, describe_unruled
 from .config import Config
 from .context import BuildContext
 from .images import discover as discover_images
-from .images import probe_input
+from .inputs import plan_inputs
 from .layers import LayerInfo, ReceptiveField
 from .layers import discover as discover_layers
 from .layers import select
@@ -80,11 +80,14 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
         progress.info(f"warning: skipping {rel}: {reason}")
     if len(images.skipped) > 5:
         progress.info(f"warning: skipping {len(images.skipped) - 5} more files (listed on the atlas's index page)")
-    h, w = probe_input(images, cfg.data)
-    all_layers = cached_layers(loaded, (3, h, w), cache_dir)
+    # The input (channels, size, resize/crop, mean/std) is decided here, once; everything after
+    # reads it from the resolved data config.
+    plan = plan_inputs(loaded.model, loaded.arch, images, cfg.data, say=progress.info)
+    cfg = dataclasses.replace(cfg, data=plan.data)
+    all_layers = cached_layers(loaded, plan.shape, cache_dir)
     chosen = select(all_layers, cfg.layers)
-    return BuildContext(config=cfg, model=loaded, images=images, layers=chosen, all_layers=all_layers,
-                        input_size=(h, w))
+    return BuildContext(config=cfg, model=loaded, images=plan.images, layers=chosen, all_layers=all_layers,
+                        input_size=plan.size, input_notes=plan.notes)
 
 
 def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:

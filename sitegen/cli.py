@@ -21,17 +21,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 
-def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, float]]:
+def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    """``--mean``/``--std``: one number (every channel; a grey model's one) or three (R, G, B)."""
+    example = f"e.g. {flag} 0.485,0.456,0.406 for an RGB model, {flag} 0.5 for one number for every channel"
     if text is None:
         return None
     try:
         parts = tuple(float(p) for p in text.replace(" ", "").split(","))
     except ValueError:
-        raise SitegenError(f"{flag} {text!r} is not three numbers", f"e.g. {flag} 0.485,0.456,0.406") from None
-    if len(parts) != 3:
-        raise SitegenError(f"{flag} needs three comma-separated numbers, got {len(parts)}",
-                           f"e.g. {flag} 0.485,0.456,0.406")
-    return parts  # type: ignore[return-value]
+        raise SitegenError(f"{flag} {text!r} is not one number or three comma-separated numbers", example) from None
+    if len(parts) not in (1, 3):
+        raise SitegenError(f"{flag} needs one number or three comma-separated numbers, got {len(parts)}", example)
+    return parts
 
 
 @app.callback()
@@ -48,10 +49,10 @@ def build(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture: torchvision:resnet50, path/net.py:factory or pkg.mod:factory."),
     out: Path = typer.Option(Path("atlas"), "--out", "-o", help="Output folder for the site."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="site_config.toml with defaults for every key."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Shorter side in pixels (0 keeps the size)."),
-    crop: Optional[int] = typer.Option(None, "--crop", help="Centre crop in pixels (0 = none)."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Three comma-separated numbers."),
-    std: Optional[str] = typer.Option(None, "--std", help="Three comma-separated numbers."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Shorter side in pixels (0 keeps the size; default: a torchvision architecture's own, else 0)."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Centre crop in pixels (0 = none; default: a torchvision architecture's own, else none)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Three comma-separated numbers (RGB), or one (grey models, or every channel)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Three comma-separated numbers (RGB), or one (grey models, or every channel)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images."),
     layers: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Layer name or glob (repeatable)."),
     k: Optional[int] = typer.Option(None, "--k", help="Top images per channel."),
@@ -77,7 +78,7 @@ def build(
     cfg = load_config(
         config,
         model=model_section,
-        data={"resize": resize, "crop": crop, "mean": _floats3(mean, "--mean"), "std": _floats3(std, "--std"),
+        data={"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
         layers=layers or [],
@@ -132,18 +133,19 @@ def layers(
 
     from .build import load_config
     from .images import discover as discover_images
-    from .images import probe_input
+    from .inputs import plan_inputs, plan_without_images
     from .layers import discover
     from .model_loading import load_model
 
     cfg = load_config(config, model={"arch": arch, "trust_pickle": True if trust_pickle else None})
     loaded = load_model(model, cfg.model.arch, cfg.model.trust_pickle)
-    if images is not None:
-        h, w = probe_input(discover_images(images, 50), cfg.data)
+    if images is not None:  # the input size a build over these images would use
+        plan = plan_inputs(loaded.model, loaded.arch, discover_images(images, cfg.data.max_images), cfg.data,
+                           say=progress.info)
     else:
-        side = size or cfg.data.crop or cfg.data.resize or 224
-        h, w = side, side
-    found = discover(loaded.model, (3, h, w))
+        plan = plan_without_images(loaded.model, loaded.arch, cfg.data, size or 0, say=progress.info)
+    h, w = plan.size
+    found = discover(loaded.model, plan.shape)
     columns = ("layer", "kind", "channels", "output", "receptive field", "stride", "caffe")
     rows = [(l.name, l.kind, str(l.channels), "×".join(map(str, l.shape)), l.rf.size_text(), l.rf.stride_text(),
              l.caffe) for l in found]

@@ -36,12 +36,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    resize: int = 0
-    """Shorter side in pixels after resizing; 0 keeps the size."""
-    crop: int = 0
-    """Centre crop in pixels; 0 means no crop."""
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: int = -1
+    """Shorter side in pixels after resizing; 0 keeps the size; -1 (automatic): a torchvision
+    architecture's own evaluation resize when neither resize nor crop is set, else 0."""
+    crop: int = -1
+    """Centre crop in pixels; 0 means no crop; -1 (automatic): a torchvision architecture's own
+    evaluation crop when neither resize nor crop is set, else none."""
+    channels: int = 0
+    """Channels the model reads: 1 (grey, luminance of the images) or 3 (RGB); 0 reads them off the
+    model's first convolution."""
+    mean: tuple[float, ...] = ()
+    """Mean subtracted after scaling pixels to [0, 1]: one number, or one per channel; empty picks it
+    (a torchvision architecture's weights', else ImageNet's; grey models: ImageNet's in grey)."""
+    std: tuple[float, ...] = ()
+    """Standard deviation the pixels are divided by: one number, or one per channel; empty picks it
+    like ``mean``."""
     max_images: int = 0
     """Use only the first N images (sorted order); 0 uses all."""
     max_pixels: int = 89_478_485
@@ -49,10 +58,15 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         # Upper bounds: a typo like 22400 would otherwise allocate gigabytes per image.
-        _check(0 <= self.resize <= MAX_SIDE, f"{key}.resize", f"must be between 0 (keeps the size) and {MAX_SIDE}")
-        _check(0 <= self.crop <= MAX_SIDE, f"{key}.crop", f"must be between 0 (no crop) and {MAX_SIDE}")
-        _check(len(self.mean) == 3, f"{key}.mean", "needs three numbers, one per RGB channel")
-        _check(len(self.std) == 3, f"{key}.std", "needs three numbers, one per RGB channel")
+        _check(-1 <= self.resize <= MAX_SIDE, f"{key}.resize",
+               f"must be between 0 (keeps the size) and {MAX_SIDE}, or -1 (automatic)")
+        _check(-1 <= self.crop <= MAX_SIDE, f"{key}.crop",
+               f"must be between 0 (no crop) and {MAX_SIDE}, or -1 (automatic)")
+        _check(self.channels in (0, 1, 3), f"{key}.channels",
+               "must be 1 (grey), 3 (RGB) or 0 (read off the model's first convolution)")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            _check(len(values) in (0, 1, 3), f"{key}.{name}",
+                   "needs one number (every channel), three (one per RGB channel) or none (automatic)")
         _check(all(s > 0 for s in self.std), f"{key}.std", "must be > 0 (it divides the pixels)")
         _check(self.max_images >= 0, f"{key}.max_images", "must be ≥ 0 (0 uses all images)")
         _check(0 < self.max_pixels <= PILLOW_MAX_PIXELS, f"{key}.max_pixels",

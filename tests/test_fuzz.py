@@ -19,7 +19,7 @@ from PIL import Image
 from sitegen import config
 from sitegen.config import DataConfig
 from sitegen.errors import ConfigError, ImageError
-from sitegen.images import EXTENSIONS, read_rgb, preprocess
+from sitegen.images import EXTENSIONS, header_size, preprocess, read_rgb, to_model_mode
 
 def fuzz(examples: int) -> settings:
     """Fixed examples (derandomize), a fixed count, no deadline, nothing stored between runs."""
@@ -85,14 +85,22 @@ def scratch(tmp_path_factory) -> Path:
 def _decode(folder: Path, ext: str, data: bytes) -> None:
     path = folder / f"fuzz{ext}"
     path.write_bytes(data)
+    try:  # the input size is decided from headers: they fail cleanly too
+        upright = header_size(path, max_pixels=1 << 20)
+    except ImageError:
+        upright = None
     try:
         img = read_rgb(path, max_pixels=1 << 20)
     except ImageError:
         return
-    # When it decodes, it is an RGB picture that preprocessing accepts.
+    # When it decodes, it is an RGB picture that preprocessing accepts, in RGB and in grey, and its
+    # header gave its size (EXIF rotation included), which the size decision relies on.
     assert img.mode == "RGB" and img.size[0] > 0 and img.size[1] > 0
+    assert upright == img.size
     px = preprocess(img, DataConfig(resize=8, crop=8))
     assert px.shape == (8, 8, 3) and px.dtype == np.uint8
+    grey = preprocess(to_model_mode(img, 1), DataConfig(resize=8, crop=8))
+    assert grey.shape == (8, 8, 1) and grey.dtype == np.uint8
 
 
 @fuzz(600)

@@ -131,3 +131,29 @@ class SoftplusResNet(nn.Module):
 def softplus_resnet(num_classes: int = 3) -> SoftplusResNet:
     torch.manual_seed(0)
     return SoftplusResNet(num_classes)
+
+
+class TinyGreyCNN(TinyCNN):
+    """TinyCNN for grey images: its first convolution reads 1 channel (MNIST-style, medical, documents)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+
+
+def tiny_grey_cnn(num_classes: int = 3) -> TinyGreyCNN:
+    torch.manual_seed(0)
+    return TinyGreyCNN(num_classes)
+
+
+class TinyRGBACNN(TinyCNN):
+    """TinyCNN whose first convolution reads 4 channels (RGBA), which sitegen refuses."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+
+
+def tiny_rgba_cnn(num_classes: int = 3) -> TinyRGBACNN:
+    torch.manual_seed(0)
+    return TinyRGBACNN(num_classes)

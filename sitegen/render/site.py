@@ -19,7 +19,7 @@ import numpy as np
 from .. import __version__, progress
 from ..context import BuildContext
 from ..crops import PixelCache, crop_box, display_box
-from ..images import load_pixels, shown
+from ..images import display_pixels, shown
 from ..layers import ReceptiveField
 from ..passes.base import Result
 from ..passes.topk import channel_top
@@ -104,9 +104,10 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
                   "weights_sha256": ctx.model.weights_hash, "num_classes": ctx.model.num_classes},
         "data": {"images": len(ctx.images), "used": len(ctx.images) - len(failed),
                  "classes": [shown(c) for c in ctx.images.classes], "skipped": skipped,
-                 "input_size": list(ctx.input_size),
+                 "input_size": list(ctx.input_size), "channels": ctx.channels,
                  "mean": list(ctx.config.data.mean), "std": list(ctx.config.data.std),
-                 "resize": ctx.config.data.resize, "crop": ctx.config.data.crop},
+                 "resize": ctx.config.data.resize, "crop": ctx.config.data.crop,
+                 "notes": [shown(n) for n in ctx.input_notes]},
         "k": topk.meta["k"],
         "layers": layers,
     }
@@ -237,7 +238,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
 def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: RenderOptions,
                  extra_rows: Callable[[int, int, list], list[list[np.ndarray]]] | None = None) -> int:
     """One sprite per channel: row 0 the top-k receptive-field patches (plus rows from other passes)."""
-    pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data))
+    pixels = PixelCache(lambda i: display_pixels(ctx.images, i, ctx.config.data))
     total = sum(len(l["channels"]) for l in atlas["layers"])
     written = 0
     with progress.bar("drawing patches", total, "channels") as advance:
