@@ -14,7 +14,7 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ class ImageList:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(relative path, reason) of files that could not be used."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings about the folder as a whole (e.g. images beside class folders, which drop the labels)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,24 +82,42 @@ def shown(name: str) -> str:
     return _SURROGATES.sub("\ufffd", name)
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    """Files under ``root`` in sorted order; symlinked folders are not followed (no loops)."""
+ATLAS_MARKER = ".sitegen-atlas.json"
+"""The file every atlas folder holds (sitegen.output.MARKER): a folder with it is a site, not data."""
+
+
+def _walk(root: Path, exclude: Sequence[Path] = (), left_out: list | None = None) -> Iterable[Path]:
+    """Files under ``root`` in sorted order; symlinked folders are not followed (no loops).  Atlas
+    folders (those holding the atlas marker) and the folders in ``exclude`` are not entered: their
+    pages and pictures are a site, not images; each one left out is appended to ``left_out``."""
+    skip = {os.path.realpath(p) for p in exclude}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
         dirnames.sort()
+        for d in list(dirnames):
+            path = os.path.join(dirpath, d)
+            if os.path.realpath(path) in skip or os.path.isfile(os.path.join(path, ATLAS_MARKER)):
+                dirnames.remove(d)
+                if left_out is not None:
+                    left_out.append(Path(path))
         for name in sorted(filenames):
             yield Path(dirpath) / name
 
 
-def discover(root: str | Path, max_images: int = 0) -> ImageList:
-    """All image files under ``root`` (by extension), with labels from an ImageFolder layout."""
+def discover(root: str | Path, max_images: int = 0, exclude: Sequence[str | Path] = ()) -> ImageList:
+    """All image files under ``root`` (by extension), with labels from an ImageFolder layout.
+    Never inside an atlas (a folder with the atlas marker) or a folder in ``exclude`` (the output)."""
     root = Path(root)
     if not root.exists():
         raise ImageError(f"image folder {str(root)!r} does not exist", "pass a folder of images with --images")
     if not root.is_dir():
         raise ImageError(f"{str(root)!r} is not a folder", "pass a folder of images with --images")
+    if (root / ATLAS_MARKER).is_file():
+        raise ImageError(f"{str(root)!r} is a sitegen atlas, not a folder of images",
+                         "pass the folder of images the atlas was built from with --images")
     files: list[tuple[str, os.stat_result]] = []
     skipped: list[tuple[str, str]] = []
-    for p in _walk(root):
+    sites: list[Path] = []
+    for p in _walk(root, [Path(e) for e in exclude], sites):
         rel = p.relative_to(root).as_posix()
         if p.suffix.lower() not in EXTENSIONS:
             if not p.name.startswith("."):
@@ -112,6 +132,11 @@ def discover(root: str | Path, max_images: int = 0) -> ImageList:
             skipped.append((rel, "not a regular file"))
             continue
         files.append((rel, st))
+    for site in sites:
+        is_atlas = (site / ATLAS_MARKER).is_file()
+        skipped.append((site.relative_to(root).as_posix() + "/",
+                        "a sitegen atlas (its pages and pictures are not images)" if is_atlas
+                        else "the output folder of this build"))
     if max_images:
         files = files[:max_images]
     if not files:
@@ -123,7 +148,15 @@ def discover(root: str | Path, max_images: int = 0) -> ImageList:
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(rel, index[rel.split("/", 1)[0]] if in_folders else -1, st.st_size, st.st_mtime_ns)
                for rel, st in files]
-    return ImageList(root=root, records=records, classes=classes, skipped=skipped)
+    notes = []
+    stray = [rel for rel, _ in files if "/" not in rel]
+    if not in_folders and len(stray) < len(files):
+        # Mostly class folders, but some images at the top: one stray file drops every label.
+        notes.append(f"{len(stray)} {'image is' if len(stray) == 1 else 'images are'} at the top of the images "
+                     f"folder, outside the class folders (e.g. {stray[0]}), so the class labels of the "
+                     f"{len(files) - len(stray)} images in sub-folders are not used; move "
+                     f"{'it' if len(stray) == 1 else 'them'} into a class folder (or out) to keep the labels")
+    return ImageList(root=root, records=records, classes=classes, skipped=skipped, notes=notes)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -146,8 +179,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_rgb(path: Path, max_pixels: int, shown_as: str | None = None) -> Image.Image:
-    """Decode one image (first frame, EXIF orientation applied) as RGB, or raise ImageError."""
+def read_rgb(path: Path, max_pixels: int, shown_as: str | None = None,
+             check_size: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Decode one image (first frame, EXIF orientation applied) as RGB, or raise ImageError.
+    ``check_size(width, height)``, given the size the header declares (after the EXIF rotation),
+    may refuse the image before its pixels are decoded."""
     name = shown_as or path.name
     if not path.is_file():  # a FIFO would block open(); a folder or a broken link cannot be read
         raise ImageError(f"{name}: not a regular file", "remove it from the images folder")
@@ -161,6 +197,8 @@ def read_rgb(path: Path, max_pixels: int, shown_as: str | None = None) -> Image.
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}×{h} pixels is over the limit of {max_pixels}",
                                  "raise data.max_pixels if the image is genuine")
+            if check_size is not None:
+                _check_declared(img, w, h, check_size)
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
@@ -197,8 +235,51 @@ def preprocess(img: Image.Image, cfg: DataConfig) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def load_pixels(images: ImageList, i: int, cfg: DataConfig) -> np.ndarray:
-    return preprocess(read_rgb(images.path(i), cfg.max_pixels, images.records[i].rel), cfg)
+def _check_declared(img: Image.Image, w: int, h: int, check_size: Callable[[int, int], None]) -> None:
+    """Run ``check_size`` on the size the image will have once its EXIF orientation is applied,
+    without decoding it.  JPEG, WebP and TIFF keep EXIF in the header; a PNG may store it after the
+    pixels (reading it would decode them), so there an image is refused only if neither way up fits."""
+    if "exif" in img.info or img.format == "TIFF":
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the sides
+        check_size(*((h, w) if turned else (w, h)))
+        return
+    try:
+        check_size(w, h)
+    except ImageError as first:
+        if w == h:
+            raise
+        try:
+            check_size(h, w)
+        except ImageError:
+            raise first from None
+
+
+def preprocessed_size(width: int, height: int, cfg: DataConfig) -> tuple[int, int]:
+    """(H, W) that :func:`preprocess` gives an image of ``width``×``height``."""
+    if cfg.resize:
+        s = cfg.resize / min(width, height)
+        width, height = max(1, round(width * s)), max(1, round(height * s))
+    if cfg.crop:
+        width = height = cfg.crop
+    return height, width
+
+
+def _other_size(rel: str, got: tuple[int, int], size: tuple[int, int]) -> ImageError:
+    return ImageError(f"{rel}: size {got[1]}×{got[0]} after preprocessing differs from {size[1]}×{size[0]}",
+                      "set data.resize and data.crop so every image has the same size")
+
+
+def load_pixels(images: ImageList, i: int, cfg: DataConfig, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Image ``i`` preprocessed; with ``size`` (H, W), an image that would come out another size is
+    refused from its header, before its pixels are decoded (a 9000×9000 PNG takes a gigabyte)."""
+    rel = images.records[i].rel
+
+    def check(width: int, height: int) -> None:
+        got = preprocessed_size(width, height, cfg)
+        if size is not None and got != tuple(size):
+            raise _other_size(rel, got, size)
+
+    return preprocess(read_rgb(images.path(i), cfg.max_pixels, rel, check if size is not None else None), cfg)
 
 
 def normalise(pixels: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
@@ -229,11 +310,9 @@ class PixelDataset(torch.utils.data.Dataset):
         i = self.indices[j]
         h, w = self.size
         try:
-            px = load_pixels(self.images, i, self.cfg)
+            px = load_pixels(self.images, i, self.cfg, (h, w))
             if px.shape[:2] != (h, w):
-                raise ImageError(f"{self.images.records[i].rel}: size {px.shape[1]}×{px.shape[0]} after "
-                                 f"preprocessing differs from {w}×{h}",
-                                 "set data.resize and data.crop so every image has the same size")
+                raise _other_size(self.images.records[i].rel, px.shape[:2], (h, w))
             return torch.from_numpy(px), i, ""
         except ImageError as e:
             return torch.zeros((h, w, 3), dtype=torch.uint8), i, str(e)

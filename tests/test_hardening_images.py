@@ -279,3 +279,35 @@ def test_pixel_limit_from_the_config_file(tmp_path, capfd):
         ["build", str(_tiny_checkpoint(tmp_path)), "--images", str(root), "--arch", corpus.TINY_ARCH,
          "-o", str(tmp_path / "site"), "--config", str(cfg), "--no-cache"], capfd)
     corpus.assert_clean_failure(code, err, "16×16 pixels is over the limit of 200", "data.max_pixels")
+
+
+def _one_image_list(root: Path, name: str, data: bytes):
+    root.mkdir(exist_ok=True)
+    (root / name).write_bytes(data)
+    return discover(root)
+
+
+def test_an_image_of_another_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    """With the input size known, the declared size decides: the pixels are never decoded."""
+    images = _one_image_list(tmp_path / "imgs", "big.png", corpus.png_header_only(9000, 9000))
+
+    def no_decode(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(ImageError, match="big.png: size 9000×9000 after preprocessing differs from 16×16"):
+        load_pixels(images, 0, DataConfig(), (16, 16))
+    with pytest.raises(ImageError, match="size 32×32 after preprocessing differs from 16×16"):
+        load_pixels(images, 0, DataConfig(resize=32, crop=32), (16, 16))
+
+
+def test_exif_rotation_is_counted_before_the_size_check(tmp_path):
+    """A 20×10 JPEG whose EXIF turns it upright to 10×20 has the upright size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(buf, "JPEG", exif=exif)
+    images = _one_image_list(tmp_path / "imgs", "turned.jpg", buf.getvalue())
+    assert load_pixels(images, 0, DataConfig(), (20, 10)).shape == (20, 10, 3)
+    with pytest.raises(ImageError, match="size 10×20 after preprocessing differs from 20×10"):
+        load_pixels(images, 0, DataConfig(), (10, 20))
