@@ -122,7 +122,7 @@ def run_local(workers: int, argv: list[str]) -> int:
                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                         # A process group of their own: the terminal's Ctrl-C reaches sitegen alone,
                         # which forwards it once to every rank.
-                        preexec_fn=_rank_setup(parent, procs[0].pid if procs else 0)))
+                        preexec_fn=_rank_setup(parent, procs[0].pid if procs else 0) if os.name == "posix" else None))
                 finally:
                     if err is not None:
                         err.close()

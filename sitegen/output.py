@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -21,6 +20,11 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from .errors import SitegenError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked against each other there
+    fcntl = None  # type: ignore[assignment]
 
 MARKER = ".sitegen-atlas.json"
 
@@ -233,6 +237,9 @@ def build_lock(out: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _locked(out: Path, path: Path) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
