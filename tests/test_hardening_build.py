@@ -321,3 +321,9 @@ def test_declared_size_is_checked_before_decoding(tmp_path, capfd, setup):
     assert code == 0, err
     reasons = {s["path"]: s["reason"] for s in _atlas(out)["data"]["skipped"]}
     assert "9000×9000" in reasons["zz-huge.png"] and "truncated" not in reasons["zz-huge.png"]
+
+
+def test_workers_below_one_is_an_input_mistake(tmp_path, capfd, setup):
+    _, _, argv = setup
+    code, _, err = corpus.run_cli([*argv, "-o", str(tmp_path / "site"), "--workers", "0"], capfd)
+    corpus.assert_clean_failure(code, err, "--workers 0", "hint:")
