@@ -276,9 +276,17 @@ class Config:
                 value.validate(f.name)
 
 
+def _error(key: str, why: str, hint: str | None = None) -> ConfigError:
+    """``config key 'KEY' WHY``, keeping the key and the reason apart (a flag that set the key
+    is named instead of it: see :func:`sitegen.build.load_config`)."""
+    err = ConfigError(f"config key {key!r} {why}", hint)
+    err.key, err.why = key, why
+    return err
+
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
-        raise ConfigError(f"config key {key!r} {why}")
+        raise _error(key, why)
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -291,30 +299,30 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r} must be a table ([{key}]), not {type(value).__name__}")
+            raise _error(key, f"must be a table ([{key}]), not {type(value).__name__}")
         return _build(typ, value, key)
     if origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, e.g. {key.split('.')[-1]} = [...]")
+            raise _error(key, f"must be a list, e.g. {key.split('.')[-1]} = [...]")
         item = typing.get_args(typ)[0]
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if typ is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be true or false, not {value!r}")
+            raise _error(key, f"must be true or false, not {value!r}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} must be a whole number, not {value!r}")
+            raise _error(key, f"must be a whole number, not {value!r}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} must be a number, not {value!r}")
+            raise _error(key, f"must be a number, not {value!r}")
         if not math.isfinite(value):  # TOML allows nan and inf; no key means anything by them
-            raise ConfigError(f"config key {key!r} must be a finite number, not {value!r}")
+            raise _error(key, f"must be a finite number, not {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r} must be a string in quotes, not {value!r}")
+            raise _error(key, f"must be a string in quotes, not {value!r}")
         return value
     raise TypeError(f"unsupported config type {typ!r} for {key}")  # a bug in a dataclass, not user input
 

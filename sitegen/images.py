@@ -46,6 +46,8 @@ class ImageList:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(relative path, reason) of files that could not be used."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings about the folder as a whole (e.g. images beside class folders, which drop the labels)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,24 +82,42 @@ def shown(name: str) -> str:
     return _SURROGATES.sub("\ufffd", name)
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    """Files under ``root`` in sorted order; symlinked folders are not followed (no loops)."""
+ATLAS_MARKER = ".sitegen-atlas.json"
+"""The file every atlas folder holds (sitegen.output.MARKER): a folder with it is a site, not data."""
+
+
+def _walk(root: Path, exclude: Sequence[Path] = (), left_out: list | None = None) -> Iterable[Path]:
+    """Files under ``root`` in sorted order; symlinked folders are not followed (no loops).  Atlas
+    folders (those holding the atlas marker) and the folders in ``exclude`` are not entered: their
+    pages and pictures are a site, not images; each one left out is appended to ``left_out``."""
+    skip = {os.path.realpath(p) for p in exclude}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
         dirnames.sort()
+        for d in list(dirnames):
+            path = os.path.join(dirpath, d)
+            if os.path.realpath(path) in skip or os.path.isfile(os.path.join(path, ATLAS_MARKER)):
+                dirnames.remove(d)
+                if left_out is not None:
+                    left_out.append(Path(path))
         for name in sorted(filenames):
             yield Path(dirpath) / name
 
 
-def discover(root: str | Path, max_images: int = 0) -> ImageList:
-    """All image files under ``root`` (by extension), with labels from an ImageFolder layout."""
+def discover(root: str | Path, max_images: int = 0, exclude: Sequence[str | Path] = ()) -> ImageList:
+    """All image files under ``root`` (by extension), with labels from an ImageFolder layout.
+    Never inside an atlas (a folder with the atlas marker) or a folder in ``exclude`` (the output)."""
     root = Path(root)
     if not root.exists():
         raise ImageError(f"image folder {str(root)!r} does not exist", "pass a folder of images with --images")
     if not root.is_dir():
         raise ImageError(f"{str(root)!r} is not a folder", "pass a folder of images with --images")
+    if (root / ATLAS_MARKER).is_file():
+        raise ImageError(f"{str(root)!r} is a sitegen atlas, not a folder of images",
+                         "pass the folder of images the atlas was built from with --images")
     files: list[tuple[str, os.stat_result]] = []
     skipped: list[tuple[str, str]] = []
-    for p in _walk(root):
+    sites: list[Path] = []
+    for p in _walk(root, [Path(e) for e in exclude], sites):
         rel = p.relative_to(root).as_posix()
         if p.suffix.lower() not in EXTENSIONS:
             if not p.name.startswith("."):
@@ -112,6 +132,11 @@ def discover(root: str | Path, max_images: int = 0) -> ImageList:
             skipped.append((rel, "not a regular file"))
             continue
         files.append((rel, st))
+    for site in sites:
+        is_atlas = (site / ATLAS_MARKER).is_file()
+        skipped.append((site.relative_to(root).as_posix() + "/",
+                        "a sitegen atlas (its pages and pictures are not images)" if is_atlas
+                        else "the output folder of this build"))
     if max_images:
         files = files[:max_images]
     if not files:
@@ -123,7 +148,15 @@ def discover(root: str | Path, max_images: int = 0) -> ImageList:
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(rel, index[rel.split("/", 1)[0]] if in_folders else -1, st.st_size, st.st_mtime_ns)
                for rel, st in files]
-    return ImageList(root=root, records=records, classes=classes, skipped=skipped)
+    notes = []
+    stray = [rel for rel, _ in files if "/" not in rel]
+    if not in_folders and len(stray) < len(files):
+        # Mostly class folders, but some images at the top: one stray file drops every label.
+        notes.append(f"{len(stray)} {'image is' if len(stray) == 1 else 'images are'} at the top of the images "
+                     f"folder, outside the class folders (e.g. {stray[0]}), so the class labels of the "
+                     f"{len(files) - len(stray)} images in sub-folders are not used; move "
+                     f"{'it' if len(stray) == 1 else 'them'} into a class folder (or out) to keep the labels")
+    return ImageList(root=root, records=records, classes=classes, skipped=skipped, notes=notes)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

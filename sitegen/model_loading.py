@@ -80,12 +80,19 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
     if magic == b"\x93NUMPY":
         raise ModelLoadError(f"{name} is a NumPy .npy array, not a PyTorch checkpoint",
                              "save the weights with torch.save(model.state_dict(), path)")
+    head = _head(path)
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise ModelLoadError(f"{name} is a Git LFS pointer (a small text file standing in for the checkpoint), "
+                             "not the checkpoint itself",
+                             "run `git lfs pull` in its repository to download the real file")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it was not written with; the error below says more.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e) and _text_start(head) is not None:
+            raise _unreadable(name, head, e) from None
         if "Unsupported operand" in str(e):  # not a torch.save file: a raw pickle, or another format
             raise ModelLoadError(
                 f"{name} is not a checkpoint torch.load can read without running code from it (a raw pickle "
@@ -98,16 +105,60 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
                 "from the file, so sitegen refuses by default",
                 "save `model.state_dict()` and pass --arch; or, only for a file you trust, add --trust-pickle",
             ) from None
-        raise ModelLoadError(f"{name} is not a readable PyTorch checkpoint ({_short(e)})",
-                             "check that the file was written by torch.save and is complete") from None
+        raise _unreadable(name, head, e) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... for damaged files
-        raise ModelLoadError(f"{name} is not a readable PyTorch checkpoint ({_short(e)})",
-                             "check that the file was written by torch.save and is complete") from None
+        raise _unreadable(name, head, e) from None
 
 
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+def _head(path: Path, size: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _text_start(head: bytes) -> str | None:
+    """The first line of ``head`` when the file looks like text (UTF-8, no NUL, printable), else None."""
+    if not head or b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = head[:-4].decode("utf-8", "ignore") if len(head) > 4 else ""  # a character cut at the end
+        if not text:
+            return None
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    return line[:40]
+
+
+def _unreadable(name: str, head: bytes, e: BaseException) -> ModelLoadError:
+    """Why ``torch.load`` could not read a file: what the file is when that is plain (text, a
+    truncated archive), else torch's own first sentence."""
+    hint = "check that the file was written by torch.save and is complete"
+    start = _text_start(head)
+    if start is not None:
+        return ModelLoadError(f"{name} is not a readable PyTorch checkpoint: it is a text file"
+                              + (f" (it starts with {start!r})" if start else ""),
+                              "pass the checkpoint written by torch.save (a zip archive), not a log or notes file")
+    if head.startswith(b"PK") and "central directory" in str(e):
+        return ModelLoadError(f"{name} is not a readable PyTorch checkpoint (it is truncated or damaged: "
+                              "its zip archive ends before its table of contents)", hint)
+    return ModelLoadError(f"{name} is not a readable PyTorch checkpoint ({_short(e)})", hint)
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    """``Type: first sentence`` of an exception's message, never cut inside a word."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if len(text) > limit:
+        end = text.rfind(". ", 0, limit)
+        text = text[:end + 1] if end > 0 else text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return f"{type(e).__name__}: {text}"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -134,7 +185,8 @@ def extract(obj: Any, name: str) -> nn.Module | dict[str, torch.Tensor]:
             f"{name} is a dict without a state dict (keys: {keys})",
             f"sitegen looks for a dict of tensors, or one under {', '.join(STATE_DICT_KEYS)}",
         )
-    raise ModelLoadError(f"{name} holds a {type(obj).__name__}, not a model or a state dict",
+    kind = type(obj).__name__
+    raise ModelLoadError(f"{name} holds {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, not a model or a state dict",
                          "save `model.state_dict()` with torch.save")
 
 
@@ -187,19 +239,10 @@ def _factory_from_spec(spec: str) -> Callable[..., nn.Module]:
                                  "`python -c 'import torchvision; print(torchvision.models.list_models())'` lists them")
         return lambda **kw: tvm.get_model(attr, weights=None, **kw)
     if source.endswith(".py") or "/" in source or "\\" in source:
-        path = Path(source)
-        if not path.is_file():
-            raise ModelLoadError(f"architecture file {source!r} does not exist", "check the path in --arch")
-        mod_name = f"sitegen_user_arch_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ModelLoadError(f"importing {source} failed: {_short(e)}") from None
+        module = _import_file(Path(source).expanduser(), source)
     else:
+        # The console script's sys.path lacks the working folder that `python -m` would have.
+        _on_path(Path.cwd())
         try:
             module = importlib.import_module(source)
         except ImportError as e:
@@ -211,6 +254,60 @@ def _factory_from_spec(spec: str) -> Callable[..., nn.Module]:
         raise ModelLoadError(f"{source} has no callable {attr!r}",
                              f"callables there: {', '.join(public[:12])}")
     return factory
+
+
+def _on_path(folder: Path) -> None:
+    """Put ``folder`` first on the import path (once), as Python does for a script's own folder:
+    the model file's imports of its neighbours then work, at import time and later (a factory or a
+    forward may import lazily)."""
+    entry = str(folder)
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def _package_root(path: Path) -> tuple[Path, str] | None:
+    """(folder above the outermost package, dotted module name) when ``path`` lies in a package
+    (its folder has an ``__init__.py``), so its relative imports resolve; else None."""
+    parts = [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return (folder, ".".join(parts)) if len(parts) > 1 else None
+
+
+def _import_file(path: Path, source: str):
+    """Import the architecture file ``path`` with its folder on the import path: ``from blocks
+    import body`` beside it works, and so do relative imports inside a package (then the file is
+    imported by its dotted name from the package's parent folder)."""
+    if not path.is_file():
+        raise ModelLoadError(f"architecture file {source!r} does not exist", "check the path in --arch")
+    path = path.resolve()
+    in_package = _package_root(path)
+    try:
+        if in_package is not None and path.stem.isidentifier():
+            root, dotted = in_package
+            _on_path(root)
+            _on_path(path.parent)
+            module = importlib.import_module(dotted)
+            if Path(getattr(module, "__file__", "") or "").resolve() != path:
+                raise ImportError(f"{dotted!r} is already imported from {module.__file__}")
+            return module
+        _on_path(path.parent)
+        mod_name = f"sitegen_user_arch_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    except Exception as e:
+        hint = None
+        if isinstance(e, ImportError):
+            hint = (f"sitegen imports {path.name} with its folder ({path.parent}) on the import path"
+                    + (f", and its package from {in_package[0]}" if in_package else "")
+                    + "; install the missing module, or put it beside the file")
+        raise ModelLoadError(f"importing {source} failed: {_short(e)}", hint) from None
 
 
 def build_architecture(spec: str, sd: Mapping[str, torch.Tensor] | None) -> nn.Module:
@@ -275,11 +372,11 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str, sp
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''})")
+            parts.append(f"missing {_count(missing, 'key')} ({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}{', …' if len(unexpected) > 4 else ''})")
+            parts.append(f"unexpected {_count(unexpected, 'key')} ({', '.join(unexpected[:4])}{', …' if len(unexpected) > 4 else ''})")
         if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+            parts.append(f"{_count(shapes, 'shape mismatch', 'shape mismatches')} ({'; '.join(shapes[:3])})")
         raise ModelLoadError(
             f"the weights in {name} do not fit the architecture {spec}: {'; '.join(parts)}",
             "check that --arch names the architecture that saved these weights",
@@ -311,12 +408,16 @@ def _with_versions(model: nn.Module, sd: Mapping[str, torch.Tensor],
     return out
 
 
+def _count(items, one: str, many: str | None = None) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many or one + 's'}"
+
+
 def check_finite(model: nn.Module, name: str) -> None:
     bad = [k for k, v in model.state_dict().items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelLoadError(
-            f"{name} has NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:4])})",
+            f"{name} has NaN or infinite values in {_count(bad, 'tensor')} ({', '.join(bad[:4])})",
             "the checkpoint was saved from a diverged run; use an earlier checkpoint",
         )
 

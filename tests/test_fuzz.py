@@ -20,6 +20,7 @@ from sitegen import config
 from sitegen.config import DataConfig
 from sitegen.errors import ConfigError, ImageError
 from sitegen.images import EXTENSIONS, header_size, preprocess, read_rgb, to_model_mode
+from sitegen.progress import for_terminal
 
 def fuzz(examples: int) -> settings:
     """Fixed examples (derandomize), a fixed count, no deadline, nothing stored between runs."""
@@ -208,3 +209,67 @@ def test_decoder_bugs_become_image_errors(scratch, monkeypatch):
     path.write_bytes(SEEDS["PNG-RGB"][1])
     with pytest.raises(ImageError, match="x.png: cannot decode \\(a decoder bug\\)"):
         read_rgb(path, 1 << 20)
+
+
+# ----------------------------------------------------------------------------- names on the terminal
+
+def _controls(text: str) -> list[str]:
+    import unicodedata
+
+    bidi = {"\u200e", "\u200f", "\u061c", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))}
+    return [c for c in text if unicodedata.category(c) == "Cc" or c in bidi]
+
+
+@fuzz(300)
+@given(name=st.text(alphabet=st.characters(codec=None, exclude_categories=("Cs",)), max_size=24))
+def test_fuzz_names_reach_the_terminal_without_control_characters(name):
+    """A file name can hold ESC sequences, newlines or bidi overrides that would recolour, forge or
+    reorder what the terminal shows: escaped, visibly, and text without them passes unchanged."""
+    shown = for_terminal(name)
+    assert _controls(shown) == []
+    if not _controls(name):
+        assert shown == name
+    else:
+        assert len(shown) > len(name)  # every one became a visible escape
+
+
+# ----------------------------------------------------------------------------- an atlas is never data
+
+@st.composite
+def image_trees(draw):
+    """Folders up to three deep, each holding a few image files, some holding the atlas marker."""
+    names = st.sampled_from(["a", "b", "img", "atlas", "layers", "x y", ".hidden"])
+    folders = draw(st.lists(st.lists(names, min_size=1, max_size=3).map("/".join), min_size=1, max_size=6,
+                            unique=True))
+    marked = draw(st.lists(st.sampled_from(folders), max_size=3, unique=True))
+    top = draw(st.integers(0, 2))
+    return folders, marked, top
+
+
+@fuzz(40)
+@given(tree=image_trees())
+def test_fuzz_discovery_never_reads_inside_an_atlas(tmp_path_factory, tree):
+    from sitegen.errors import ImageError as NoImages
+    from sitegen.images import discover
+    from sitegen.output import MARKER
+
+    folders, marked, top = tree
+    root = tmp_path_factory.mktemp("tree")
+    png = SEEDS["PNG-RGB"][1]
+    for f in folders:
+        (root / f).mkdir(parents=True, exist_ok=True)
+        (root / f / "p.png").write_bytes(png)
+    for f in marked:
+        (root / f / MARKER).write_text('{"files": ["p.png"]}')
+    for i in range(top):
+        (root / f"top{i}.png").write_bytes(png)
+    inside = lambda rel: any(rel == m or rel.startswith(m + "/") for m in marked)  # noqa: E731
+    expected = sorted({f"{f}/p.png" for f in folders if not inside(f)} | {f"top{i}.png" for i in range(top)})
+    try:
+        found = discover(root)
+    except NoImages:
+        assert expected == []
+        return
+    assert sorted(r.rel for r in found.records) == expected
+    outermost = {m for m in marked if not any(m != o and m.startswith(o + "/") for o in marked)}
+    assert {rel for rel, _ in found.skipped if rel.endswith("/")} == {m + "/" for m in outermost}

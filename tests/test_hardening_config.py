@@ -121,14 +121,14 @@ def test_empty_config_is_the_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("flags, phrases", [
-    (["--k", "0"], ["'topk.k'", "between 1 and 100"]),
+    (["--k", "0"], ["--k 0", "'topk.k'", "between 1 and 100"]),
     (["--k", "nine"], ["Invalid value for '--k'"]),
-    (["--resize", "-3"], ["'data.resize'"]),
-    (["--max-images", "-1"], ["'data.max_images'"]),
+    (["--resize", "-3"], ["--resize -3", "'data.resize'"]),
+    (["--max-images", "-1"], ["--max-images -1", "'data.max_images'"]),
     (["--mean", "a,b,c"], ["--mean", "not one number or three"]),
     (["--std", "0.2,0.2"], ["--std", "one number or three comma-separated numbers, got 2"]),
-    (["--std", "0,1,1"], ["'data.std'", "> 0"]),
-    (["--std", "nan,1,1"], ["'data.std[0]'", "finite"]),
+    (["--std", "0,1,1"], ["--std 0,1,1", "'data.std'", "> 0"]),
+    (["--std", "nan,1,1"], ["--std nan,1,1", "'data.std[0]'", "finite"]),
     (["--no-such-flag"], ["No such option: --no-such-flag"]),
 ])
 def test_bad_flags(tmp_path, capfd, flags, phrases):

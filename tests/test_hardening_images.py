@@ -322,3 +322,35 @@ def test_size_cases(tmp_path, capfd, sc, deadline):
     if sc.note:
         assert sc.note in index
         assert any(sc.note in n for n in data["notes"]), data["notes"]
+
+
+def _one_image_list(root: Path, name: str, data: bytes):
+    root.mkdir(exist_ok=True)
+    (root / name).write_bytes(data)
+    return discover(root)
+
+
+def test_an_image_of_another_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    """With the input size known, the declared size decides: the pixels are never decoded."""
+    images = _one_image_list(tmp_path / "imgs", "big.png", corpus.png_header_only(9000, 9000))
+
+    def no_decode(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(ImageError, match="big.png: size 9000×9000 after preprocessing differs from the input size 16×16"):
+        load_pixels(images, 0, DataConfig(), (16, 16))
+    with pytest.raises(ImageError, match="size 32×32 after preprocessing differs from the input size 16×16"):
+        load_pixels(images, 0, DataConfig(resize=32, crop=32), (16, 16))
+
+
+def test_exif_rotation_is_counted_before_the_size_check(tmp_path):
+    """A 20×10 JPEG whose EXIF turns it upright to 10×20 has the upright size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(buf, "JPEG", exif=exif)
+    images = _one_image_list(tmp_path / "imgs", "turned.jpg", buf.getvalue())
+    assert load_pixels(images, 0, DataConfig(), (20, 10)).shape == (20, 10, 3)
+    with pytest.raises(ImageError, match="size 10×20 after preprocessing differs from the input size 20×10"):
+        load_pixels(images, 0, DataConfig(), (10, 20))

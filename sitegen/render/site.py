@@ -107,7 +107,7 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
                  "input_size": list(ctx.input_size), "channels": ctx.channels,
                  "mean": list(ctx.config.data.mean), "std": list(ctx.config.data.std),
                  "resize": ctx.config.data.resize, "crop": ctx.config.data.crop,
-                 "notes": [shown(n) for n in ctx.input_notes]},
+                 "notes": [shown(n) for n in (*ctx.images.notes, *ctx.input_notes)]},
         "k": topk.meta["k"],
         "layers": layers,
     }
@@ -320,12 +320,21 @@ def write_search_index(out: Path, atlas: dict[str, Any], pages: list[Page], site
     dest.write_text(js_assign("SITEGEN_SEARCH", search_index(atlas, pages, site_title)), encoding="utf-8")
 
 
+ASSET_SUFFIXES = (".css", ".js", ".svg", ".png")
+
+
+def asset_files() -> list[str]:
+    """The files :func:`copy_assets` writes under ``assets/`` (paths relative to the site): known
+    before any work, so a --force folder holding one of them is refused at once."""
+    return sorted(f"assets/{f.name}" for f in (templates_dir() / "assets").iterdir() if f.suffix in ASSET_SUFFIXES)
+
+
 def copy_assets(out: Path) -> None:
     src = templates_dir() / "assets"
     dest = out / "assets"
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.suffix in (".css", ".js", ".svg", ".png"):
+        if f.suffix in ASSET_SUFFIXES:
             shutil.copyfile(f, dest / f.name)
     (out / ".nojekyll").write_text("", encoding="utf-8")  # GitHub Pages: serve every file as is
 
