@@ -113,7 +113,7 @@ def test_sanity_page_charts_and_tables(site):
         assert m in links.ids and f"{m}-conv1" in links.ids and f"{m}-conv2" in links.ids
         chart = out / "img" / "sanity" / f"{m}.svg"
         root = ET.parse(chart).getroot()
-        assert root.tag.endswith("svg") and root.get("viewBox") == "0 0 640 300"
+        assert root.tag.endswith("svg") and root.get("viewBox") == "0 0 640 330"
         texts = " ".join("".join(t.itertext()) for t in root.iter() if t.tag.endswith("text"))
         assert "conv1" in texts and "conv2" in texts
     imgs = [i for i in links.imgs if "sanity/" in i["src"]]

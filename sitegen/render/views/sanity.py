@@ -128,8 +128,9 @@ def _alt(label: str, per_layer: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- the chart
 
-W, H = 640, 300
-LEFT, RIGHT, TOP, BOTTOM = 44, 12, 58, 64
+W, H = 640, 330
+LEFT, RIGHT, TOP, BOTTOM = 44, 80, 58, 100
+"""The chart's size and margins: the right and bottom ones hold the layer names, slanted at 45°."""
 
 
 def chart_svg(label: str, points: list[tuple[str, dict[str, Any]]]) -> str:
@@ -156,7 +157,7 @@ def chart_svg(label: str, points: list[tuple[str, dict[str, Any]]]) -> str:
         short = name if len(name) <= 18 else name[:8] + "…" + name[-9:]
         out.append(f'<line x1="{x:.1f}" y1="{TOP + ph}" x2="{x:.1f}" y2="{TOP + ph + 4}" stroke="#999"/>')
         full = f"<title>{escape(name)}</title>" if short != name else ""
-        out.append(f'<text transform="translate({x:.1f},{TOP + ph + 8}) rotate(35)" fill="#555">{full}{escape(short)}</text>')
+        out.append(f'<text transform="translate({x:.1f},{TOP + ph + 8}) rotate(45)" fill="#555">{full}{escape(short)}</text>')
     out.append(f'<text x="{LEFT}" y="{H - 4}" fill="#555">layer depth → (the shown layers in execution order)</text>')
     for row, (key, text, colour, dash) in enumerate(SERIES):
         lx, ly = LEFT + (row % 2) * 290, 14 + (row // 2) * 18
