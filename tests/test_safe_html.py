@@ -74,7 +74,7 @@ def hostile(num_classes=3):
 
 # Every optional view on, as cheap as its config allows (only keys this Config has are set).
 CHEAP = {"featurevis": {"enabled": True, "steps": 2, "batch_size": 8, "classes": True},
-         "attribution": {"enabled": True}, "occlusion": {"enabled": True},
+         "attribution": {"enabled": True}, "sanity": {"enabled": True}, "occlusion": {"enabled": True},
          "tsne": {"enabled": True, "max_points": 10, "pca_dims": 2, "perplexity": 2.0},
          "kernels": {"enabled": True}, "activations": {"enabled": True},
          "samples": {"per_class": 1, "max_images": 3}, "topk": {"k": 3}}
