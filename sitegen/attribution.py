@@ -543,7 +543,7 @@ class _OpAudit(TorchFunctionMode):
         if name in _DIVISION_OPS:
             divisor = args[1] if len(args) > 1 else kwargs.get("other")
             if _input_derived(divisor):
-                self._block(f"a division by a tensor that depends on the image")
+                self._block("a division by a tensor that depends on the image")
             return
         self._block(f"{name or repr(func)}, whose backward may read the forward"
                     + (" (max-pooling routes the gradient through the forward's switches)" if "max" in name else ""))

@@ -53,6 +53,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -61,10 +62,10 @@ import torch
 from torch import nn
 
 from .. import progress
-from ..attribution import Independence, attribute_methods, image_independent, normalise_for_display
+from ..attribution import AttributionWarning, attribute_methods, image_independent
 from ..config import SanityConfig
 from ..context import BuildContext
-from ..crops import GREY, PixelCache, display_box, resize_square
+from ..crops import PixelCache, display_box
 from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..hooks import StopForward, get_module, model_guard, run_until
@@ -362,9 +363,12 @@ def attribute_pairs(ctx: BuildContext, model: nn.Module, layer: str, images: np.
         s = slice(start, start + batch)
         stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images[s]])).to(ctx.device)
         inputs = normalise(stacked, ctx.config.data)
-        grads = attribute_methods(model, inputs, layer, [tuple(u) for u in units[s].tolist()], methods)
+        with warnings.catch_warnings():
+            # Rule-less activations: the attribution pass has said so for these very methods and model.
+            warnings.simplefilter("ignore", AttributionWarning)
+            grads = attribute_methods(model, inputs, layer, [tuple(u) for u in units[s].tolist()], methods)
         for m in methods:
-            g = grads.pop(m).detach().float()
+            g = grads.pop(m).detach().float().cpu()
             for p, box in enumerate(boxes[s]):
                 x0, y0, x1, y1 = _window_in_image(box, (h, w))
                 mag = g[p, :, y0:y1, x0:x1].abs().sum(0).double().cpu().numpy()
@@ -443,8 +447,8 @@ class SanityPass(AnalysisPass):
                     if saved is None:
                         saved = self._layer(ctx, s, methods, rand, pixels, batch)
                         store.save(li, saved, span)
-                    else:
-                        rand.cascade(s.name) if rand.available else None  # keep the progressive copy in step
+                    elif rand.available:
+                        rand.cascade(s.name)  # keep the progressive copy in step with the layers done
                     figures[li] = saved
                     advance(len(s) * (3 + cfg.images))
         finally:
@@ -464,6 +468,7 @@ class SanityPass(AnalysisPass):
             arrays[f"L{s.index}.others"] = s.others
             for key, value in figures.get(s.index, {}).items():
                 arrays[f"L{s.index}.{key}"] = value
+        self._check_proofs(samples, methods, proofs, arrays)
         fallback = sorted(n for n, way in how.items() if way != "reset_parameters")
         if fallback:
             progress.info(f"warning: sanity checks: {len(fallback)} module(s) have no reset_parameters "
@@ -475,6 +480,18 @@ class SanityPass(AnalysisPass):
                 "proofs": {n: {m: [p.independent, p.reason] for m, p in proofs[n].items()} for n in layers},
                 "thresholds": {"weights": WEIGHTS_HIGH, "images": IMAGES_HIGH}}
         return Result(meta=meta, arrays=arrays)
+
+    @staticmethod
+    def _check_proofs(samples: list[LayerSample], methods: list[str], proofs: dict, arrays: dict) -> None:
+        """A proof of image independence must agree with the measurement; say so if it does not
+        (it would be a bug in the structural audit, and the page shows the proof)."""
+        for s in samples:
+            for m in methods:
+                measured = arrays.get(f"L{s.index}.{m}.images")
+                if proofs[s.name][m] and measured is not None and np.isfinite(measured).any() \
+                        and float(np.nanmin(measured)) < 0.999:
+                    progress.info(f"warning: sanity checks: {m} at {s.name} was proved the same for every image, "
+                                  f"but measured {float(np.nanmin(measured)):.3f}; please report this")
 
     def _layer(self, ctx: BuildContext, s: LayerSample, methods: list[str], rand: Randomiser,
                pixels: PixelCache, batch: int) -> dict[str, np.ndarray]:
@@ -580,7 +597,7 @@ def layer_figures(result: Result, layer: str) -> dict[str, Any] | None:
     units = a[f"L{li}.units"]
     methods: dict[str, Any] = {}
     for m in result.meta["methods"]:
-        get = lambda key: a.get(f"L{li}.{m}.{key}", np.zeros(0))  # noqa: E731
+        get = lambda key, m=m: a.get(f"L{li}.{m}.{key}", np.zeros(0))  # noqa: E731
         proved, reason = result.meta["proofs"][layer][m]
         images = _mean(get("images"))
         f = {"weights_own": _mean(get("own")), "weights_cascade": _mean(get("cascade")),
