@@ -478,7 +478,11 @@ def _op_name(func: Any) -> str:
         name = getattr(getattr(func, "__self__", None), "__name__", "") or name
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
-        if name.startswith(("i", "r")) and name[1:] in _LINEAR_OPS | _PRODUCT_OPS | _DIVISION_OPS | {"truediv"}:
+        # In-place (__iadd__) and reflected (__radd__) forms are the operation itself, except a
+        # reflected division (2 / x), which divides by the tensor: it keeps its own name.
+        if name.startswith("i") and name[1:] in _LINEAR_OPS | _PRODUCT_OPS | _DIVISION_OPS:
+            name = name[1:]
+        elif name.startswith("r") and name[1:] in _LINEAR_OPS | _PRODUCT_OPS:
             name = name[1:]
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 

@@ -105,6 +105,8 @@ class _Norms(nn.Module):
             h = F.batch_norm(h, None, None, training=True)
         elif self.kind == "division":
             h = h / (h.sum() + 1)
+        elif self.kind == "reciprocal":
+            h = 2.0 / (h + 10.0)
         elif self.kind == "branch":
             h = h if bool(h.sum() > 0) else -h  # control flow on the image's values
         elif self.kind == "scaled":
@@ -117,6 +119,7 @@ class _Norms(nn.Module):
     (_Norms("group"), "group_norm"),
     (_Norms("batch-train"), "training mode"),
     (_Norms("division"), "division"),
+    (_Norms("reciprocal"), "rdiv"),
     (_Norms("branch"), "gt"),
 ])
 def test_forward_reading_operations_are_named(model, needle):
