@@ -142,7 +142,7 @@ def chart_svg(label: str, points: list[tuple[str, dict[str, Any]]]) -> str:
     x_at = (lambda i: LEFT + pw / 2) if n <= 1 else (lambda i: LEFT + pw * i / (n - 1))
     y_at = lambda v: TOP + ph * (1 - (v + 1) / 2)  # noqa: E731
     out = [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-            f'font-family="sans-serif" font-size="11">'),
+            f'font-family="sans-serif" font-size="12">'),
            f"<title>{escape(label)}: similarity against layer depth</title>",
            f'<rect x="0" y="0" width="{W}" height="{H}" fill="#ffffff"/>']
     for v in (-1, -0.5, 0, 0.5, 1):
