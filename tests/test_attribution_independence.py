@@ -115,7 +115,7 @@ class _Norms(nn.Module):
 
 
 @pytest.mark.parametrize("model, needle", [
-    (_Gate(), "two tensors"),
+    (_Gate(), "gate"),
     (_Norms("group"), "group_norm"),
     (_Norms("batch-train"), "training mode"),
     (_Norms("division"), "division"),
@@ -125,6 +125,43 @@ class _Norms(nn.Module):
 def test_forward_reading_operations_are_named(model, needle):
     verdict = image_independent(model, "out", "deconvnet", (3, 8, 8))
     assert not verdict and needle in verdict.reason
+
+
+def test_deconvnet_through_ruled_activations_is_proved_and_measured():
+    """SiLU and GELU have a deconvnet rule (g⁺) that reads nothing of the forward; the max-pooling
+    after them, a softplus (no rule) and a custom autograd.Function each stop the proof."""
+    model = _tiny("smooth_cnn")
+    assert image_independent(model, "conv2", "deconvnet", (3, 16, 16))
+    assert not image_independent(model, "conv2", "guided", (3, 16, 16))
+    grads = _attributions_on_two_images(model, "conv2")
+    assert torch.allclose(grads["deconvnet"][0], grads["deconvnet"][1], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(grads["guided"][0], grads["guided"][1])
+    assert "max_pool2d" in image_independent(model, "conv3", "deconvnet", (3, 16, 16)).reason
+    resnet = _tiny("softplus_resnet")
+    assert image_independent(resnet, "layer1.0", "deconvnet", (3, 16, 16))
+    verdict = image_independent(resnet, "layer1.1", "deconvnet", (3, 16, 16))
+    assert not verdict and "softplus" in verdict.reason
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.out = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.out(Twice.apply(F.relu(self.conv(x))))
+
+    verdict = image_independent(Custom(), "out", "deconvnet", (3, 8, 8))
+    assert not verdict and "Twice" in verdict.reason
 
 
 def test_products_and_divisions_by_constants_keep_the_proof():
@@ -137,7 +174,9 @@ def test_operations_the_python_audit_cannot_see_are_caught_in_the_autograd_graph
     x = torch.zeros((1, 3, 8, 8), requires_grad=True)
     out = torch.ops.aten.max_pool2d_with_indices(x, [2, 2])[0]  # an op reached without a Python wrapper
     assert "MaxPool2DWithIndices" in _graph_blocker(out, "deconvnet")
-    assert _graph_blocker(torch.ops.aten.relu(x) * 2, "deconvnet") is None
+    relu = torch.ops.aten.relu(x) * 2
+    assert _graph_blocker(relu, "deconvnet", activations=1) is None  # a ReLU the rule reached
+    assert "out of the rule's reach" in _graph_blocker(relu, "deconvnet", activations=0)  # one it did not
     assert "ReLU" in _graph_blocker(torch.ops.aten.relu(x), "guided")
     assert "two tensors" in _graph_blocker(x * x, "deconvnet")
 

@@ -19,6 +19,10 @@ class View:
     """Template (e.g. ``_channel_attribution.html``) included on every channel page, given
     ``page.extras[name]``; None for views without channel-page content."""
 
+    index_partial: str | None = None
+    """Template included on the atlas's index page below the layer table, given
+    ``page.extras[name]``; None for views without index-page content."""
+
     def available(self, results: dict[str, "Result"]) -> bool:
         """False when the passes this view reads did not run (the view is then left out)."""
         return True
@@ -32,6 +36,9 @@ class View:
         return []
 
     def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
+        return {}
+
+    def index_context(self, ctx: "BuildContext", atlas: dict, results: dict) -> dict[str, Any]:
         return {}
 
     def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
