@@ -434,7 +434,7 @@ class SanityPass(AnalysisPass):
         store = ItemStore(ctx.scratch)
         figures: dict[int, dict[str, np.ndarray]] = {}
         rand = Randomiser(ctx.net, layers, (3, *ctx.input_size), cfg.seed)
-        if rand.reason:
+        if rand.reason and ctx.dist.is_main:
             progress.info(f"warning: sanity checks: {rand.reason}; only the image and edge checks ran")
         try:
             total = sum(len(samples[li]) * (3 + cfg.images) for li in mine)
@@ -468,9 +468,10 @@ class SanityPass(AnalysisPass):
             arrays[f"L{s.index}.others"] = s.others
             for key, value in figures.get(s.index, {}).items():
                 arrays[f"L{s.index}.{key}"] = value
-        self._check_proofs(samples, methods, proofs, arrays)
         fallback = sorted(n for n, way in how.items() if way != "reset_parameters")
-        if fallback:
+        if ctx.dist.is_main:  # rank 0 holds every layer's figures; the others would repeat the warnings
+            self._check_proofs(samples, methods, proofs, arrays)
+        if fallback and ctx.dist.is_main:
             progress.info(f"warning: sanity checks: {len(fallback)} module(s) have no reset_parameters "
                           f"({', '.join(fallback[:5])}{', ...' if len(fallback) > 5 else ''}); their weights "
                           "were redrawn from a normal distribution with the trained mean and std")
