@@ -157,3 +157,11 @@ def test_chart_draws_gaps_and_proofs_and_escapes_names():
     assert len(lines) == 4
     one = chart_svg("x", [("only", f())])
     assert ET.fromstring(one) is not None and "<polyline" not in one
+
+
+def test_lines_for_a_layer_where_no_channel_fires():
+    from sitegen.render.site import environment
+
+    tpl = environment().from_string('{% include "_sanity_lines.html" %}')
+    html = tpl.render(root="../../", sanity={"units": 0, "layer": "dead<1>", "url": "sanity.html", "methods": {}})
+    assert "No channel of" in html and "dead&lt;1&gt;" in html and "<li>" not in html
