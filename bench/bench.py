@@ -11,6 +11,9 @@ that build's own:
 - ``atlas``: the whole atlas at the default settings over 10,000 images, every pass timed (its
   ratio to the same run's bare forward), the site's size and file count;
 - ``scale``: checkpointing overhead, 1 process against 2 gloo ranks;
+- ``sanity``: the sanity checks of the attribution pictures against the attribution pass, both over
+  the same ``--small`` images in one child process (wall and CPU seconds; goal: sanity ≤ 30 % of
+  attribution; neither pass's work grows with the image count: both look at top-k units);
 - ``attribution``, ``occlusion``, ``tsne``: the per-view benches (their own scripts, their own
   baselines: the naive attribution, plain forwards of as many images, scikit-learn against openTSNE);
 - ``demo``: `sitegen demo` from a fresh cache, training included (goal: under 3 minutes).
@@ -118,6 +121,32 @@ def child(n: int, work: Path, topk_only: bool) -> dict:
     }
 
 
+def sanity_child(n: int, work: Path) -> dict:
+    """The top-k, attribution and sanity passes at the default settings over ``n`` images, in this
+    process; the sanity pass's time as a share of the attribution pass's (wall and CPU)."""
+    sys.path.insert(0, str(REPO))
+    from sitegen import progress
+    from sitegen.build import prepare
+    from sitegen.config import from_dict
+    from sitegen.passes.attribution import AttributionPass
+    from sitegen.passes.sanity import SanityPass
+    from sitegen.passes.topk import TopKPass
+
+    progress.set_quiet(True)
+    cfg = from_dict({"model": {"arch": ARCH}})
+    ctx = prepare(MODEL, image_folder(n, work), cfg, work / "layer-cache")
+    seconds: dict[str, dict[str, float]] = {}
+    for p in (TopKPass(cfg.topk), AttributionPass(cfg.attribution), SanityPass(cfg.sanity)):
+        wall, cpu = time.perf_counter(), time.process_time()
+        ctx.results[p.name] = p.run(ctx)
+        seconds[p.name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    sanity = ctx.results["sanity"]
+    pairs = sum(len(sanity.arrays[f"L{i}.units"]) * (3 + sanity.meta["images"]) for i in range(len(sanity.meta["layers"])))
+    return {"images": len(ctx.images), "layers": len(ctx.layers), "units_attributed": ctx.results["attribution"].meta["units"],
+            "sanity_pairs": pairs, "seconds": seconds,
+            "sanity_over_attribution": {k: seconds["sanity"][k] / seconds["attribution"][k] for k in ("wall", "cpu")}}
+
+
 def checkpoint_overhead(n: int, work: Path) -> dict:
     """The dataset pass with checkpoints every 4096 images against none, side by side, twice each
     (alternating, to spread the machine's noise over both)."""
@@ -158,7 +187,7 @@ def workers_comparison(n: int, work: Path) -> dict:
     return out
 
 
-OTHER_PASSES = ("attribution", "featurevis", "occlusion", "tsne", "kernels", "activations")
+OTHER_PASSES = ("attribution", "sanity", "featurevis", "occlusion", "tsne", "kernels", "activations")
 TOPK_ONLY = "".join(f"[{section}]\nenabled = false\n" for section in OTHER_PASSES)
 
 
@@ -179,7 +208,7 @@ def run_script(name: str, args: list[str], work: Path) -> dict:
     return figures
 
 
-SECTIONS = ("dataset_pass", "atlas", "scale", "attribution", "occlusion", "tsne", "demo")
+SECTIONS = ("dataset_pass", "atlas", "scale", "sanity", "attribution", "occlusion", "tsne", "demo")
 
 
 def demo_time(work: Path) -> dict:
@@ -204,10 +233,14 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--topk-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sanity-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.work, args.topk_only)))
+        return
+    if args.sanity_child:
+        print(json.dumps(sanity_child(args.sanity_child, args.work)))
         return
     if not MODEL.is_file() or not CIFAR.is_dir():
         sys.exit(f"bench needs {MODEL} and {CIFAR}")
@@ -240,6 +273,7 @@ def main() -> None:
                 "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
                 "passes_over_bare_forward": atlas["ratio_to_bare_forward"],
                 "attribution_pass_over_bare_forward": s.get("pass:attribution", float("nan")) / s["bare_forward"],
+                "sanity_over_attribution_in_atlas": s.get("pass:sanity", float("nan")) / s.get("pass:attribution", float("nan")),
                 "featurevis_s_per_channel": fv / (atlas["channels"] + 10) if fv else None,
                 "atlas_peak_rss_mib": atlas["peak_rss_mib"],
                 "site_mib": atlas["site"]["bytes"] / 2**20,
@@ -253,6 +287,12 @@ def main() -> None:
             results["scale"] = scale
             summary.update({"checkpoint_overhead": scale["checkpoint"]["overhead"],
                             "two_processes_speedup": scale["workers"]["speedup_2_over_1"]})
+        if "sanity" in run:
+            cmd = [sys.executable, __file__, "--sanity-child", str(args.small), "--work", str(work)]
+            sanity = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            log(f"sanity over attribution, {args.small} images: {json.dumps(sanity['sanity_over_attribution'])}")
+            results["sanity"] = sanity
+            summary["sanity_over_attribution"] = sanity["sanity_over_attribution"]
         if "attribution" in run:
             # The top-9 units (hence the attribution work) do not grow with the image count; 1,000
             # images give the same number of units and the script scales the forward to 10,000.

@@ -121,6 +121,29 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class SanityConfig:
+    """The checks of the attribution pictures: how much they change when the weights are
+    randomised, from image to image, and how close they are to plain edges (docs/sanity.md)."""
+
+    enabled: bool = True
+    """Run the checks (they need the attribution pass)."""
+    units: int = 16
+    """Top units sampled per layer (each a different channel's strongest unit); all when fewer fire."""
+    images: int = 4
+    """Other images each sampled unit is attributed on for the image check."""
+    seed: int = 0
+    """Seed of the unit sample, the other images and the re-initialised weights."""
+    batch_size: int = 0
+    """(image, unit) pairs per forward+backward; 0 picks one as the attribution pass does."""
+
+    def validate(self, key: str) -> None:
+        _check(16 <= self.units <= 4096, f"{key}.units", "must be between 16 and 4096 (fewer gives too noisy a mean)")
+        _check(4 <= self.images <= 256, f"{key}.images", "must be between 4 and 256")
+        _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
+        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
+
+
+@dataclass(frozen=True)
 class FeatureVisConfig:
     enabled: bool = True
     """Optimise an image for every channel of the selected layers (and every class)."""
@@ -261,6 +284,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)

@@ -33,6 +33,24 @@ def assert_same_atlas(a: dict, b: dict) -> None:
     assert a["data"]["skipped"] == b["data"]["skipped"]
 
 
+def assert_same_sanity(a: dict, b: dict) -> None:
+    """The sanity figures of every layer and method: the same verdicts and proofs, numbers equal
+    within float tolerance (the ranks shared the layers out and re-initialised their own copies)."""
+    assert a["sanity"] == b["sanity"]
+    for la, lb in zip(a["layers"], b["layers"]):
+        fa, fb = la["sanity"], lb["sanity"]
+        assert fa.keys() == fb.keys() and fa["methods"].keys() == fb["methods"].keys()
+        assert fa["units"] > 0
+        for m in fa["methods"]:
+            ma, mb = fa["methods"][m], fb["methods"][m]
+            assert ma.keys() == mb.keys()
+            for key, va in ma.items():
+                if isinstance(va, float):
+                    assert va == pytest.approx(mb[key], abs=1e-6), (la["name"], m, key)
+                else:
+                    assert va == mb[key], (la["name"], m, key)
+
+
 @pytest.fixture
 def tiny_setup(tmp_path, make_images):
     from sitegen.model_loading import build_architecture
@@ -60,6 +78,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_setup, paths):
     # The launcher's own chatter (torchrun's OMP_NUM_THREADS banner, its log lines) stays off the terminal.
     assert "OMP_NUM_THREADS" not in two.stderr and "*****" not in two.stderr and "torch.distributed" not in two.stderr
     assert_same_atlas(_atlas(tmp_path / "one"), _atlas(tmp_path / "two"))
+    assert_same_sanity(_atlas(tmp_path / "one"), _atlas(tmp_path / "two"))
     pages = lambda site: sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html"))  # noqa: E731
     assert pages(tmp_path / "one") == pages(tmp_path / "two")
     # The attribution and feature-vis work was split between the ranks and gathered on rank 0: every

@@ -24,6 +24,11 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
         from .attribution import AttributionPass
 
         passes.append(AttributionPass(cfg.attribution))
+        # The checks of those pictures (weights randomised, other images, edges) read both results.
+        if cfg.sanity.enabled:
+            from .sanity import SanityPass
+
+            passes.append(SanityPass(cfg.sanity))
     # Whole-model views: each its own pass, each switched off by `enabled = false`.
     if cfg.occlusion.enabled:
         passes.append(OcclusionPass(cfg.occlusion, cfg.samples))

@@ -390,3 +390,34 @@ def test_image_pages_have_stable_names_and_walk(browser, base, site: Path):
         assert re.search(r"/images/[A-Za-z0-9._-]+-[0-9a-f]{8}\.html$", page.url), page.url
         check_images(page)
     watch.check()
+
+
+def test_sanity_page_and_lines_beside_the_method_switch(browser, base):
+    """A channel page carries one sanity line per method beside the switch, linking to the sanity
+    page, whose charts (static SVG through <img>) are visible and inside the screen at 390 px and
+    1280 px, from file:// and over HTTP, with no console error."""
+    page, watch = new_page(browser, base)
+    tag = mode(base)
+    page.goto(base + "layers/layer1.0/3.html")
+    lines = page.locator("#attribution .sanity-lines li")
+    assert lines.count() == len(SMALL.small_settings()["attribution"]["methods"])
+    assert "weights" in lines.first.inner_text() and "images" in lines.first.inner_text()
+    page.locator("#attribution .sanity-lines li a").first.click()
+    page.wait_for_url(re.compile(r"/sanity\.html#guided-layer1\.0$"))
+    assert page.locator("tr#guided-layer1\\.0").count() == 1
+    assert page.title().startswith("Can I trust these pictures?")
+    assert check_images(page) >= 1
+    for label, viewport in (("1280", DESKTOP), ("390", PHONE)):
+        page.set_viewport_size(viewport)
+        page.wait_for_timeout(50)
+        box = page.evaluate("""() => { const img = document.querySelector('.sanity-chart img');
+            img.scrollIntoView(); const r = img.getBoundingClientRect();
+            return {w: r.width, h: r.height, left: r.left, right: r.right, natural: img.naturalWidth}; }""")
+        assert box["natural"] > 0 and box["w"] > 200 and box["h"] > 90, (label, box)
+        assert box["left"] >= 0 and box["right"] <= viewport["width"] + 1, (label, box)
+        if label == "390":
+            check_fits(page, PHONE["width"])
+    screenshot(page, f"{tag}-7-sanity")
+    page.goto(base + "layers/layer1.0/index.html")
+    assert page.locator(".sanity-lines li").count() >= 1
+    watch.check()

@@ -23,8 +23,9 @@ def registered() -> list[View]:
     from .image_pages import ImagePagesView
     from .kernels import KernelsView
     from .occlusion import OcclusionView
+    from .sanity import SanityView
     from .tsne import TsneView
 
     # AttributionView first: its method rows must be sprite rows 1, 2, 3 (row 0 = patches).
-    return [AttributionView(), FeatureVisView(), CorrespondenceView(),
+    return [AttributionView(), SanityView(), FeatureVisView(), CorrespondenceView(),
             OcclusionView(), TsneView(), KernelsView(), ActivationsView(), ImagePagesView()]
