@@ -19,7 +19,7 @@ from .images import probe_input
 from .layers import LayerInfo, ReceptiveField
 from .layers import discover as discover_layers
 from .layers import select
-from .model_loading import LoadedModel, load_model
+from .model_loading import LoadedModel, load_like, load_model
 from .output import check_target, discard, publish, staging_dir
 from .passes import default_passes
 from .passes.base import Cache, Result, run_cached
@@ -73,6 +73,8 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
             cache_dir: Path | None) -> BuildContext:
     """Everything a pass needs, with every input checked before any output is written."""
     loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
+    # The checkpoint to compare with must fit the model: checked before any image is read.
+    old = load_like(cfg.compare.checkpoint, loaded, cfg.model.trust_pickle) if cfg.compare.checkpoint else None
     images = discover_images(images_dir, cfg.data.max_images)
     for rel, reason in images.skipped[:5]:
         progress.info(f"warning: skipping {rel}: {reason}")
@@ -82,7 +84,7 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
     all_layers = cached_layers(loaded, (3, h, w), cache_dir)
     chosen = select(all_layers, cfg.layers)
     return BuildContext(config=cfg, model=loaded, images=images, layers=chosen, all_layers=all_layers,
-                        input_size=(h, w))
+                        input_size=(h, w), compare=old)
 
 
 def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:

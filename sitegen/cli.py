@@ -61,6 +61,7 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (starts torchrun with N ranks)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="An earlier checkpoint of the same architecture: the atlas shows what changed (changes.html)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
     from . import distributed
@@ -80,6 +81,7 @@ def build(
         data={"resize": resize, "crop": crop, "mean": _floats3(mean, "--mean"), "std": _floats3(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
+        compare={"checkpoint": str(compare) if compare is not None else None},
         layers=layers or [],
     )
     cache = None if no_cache else (cache_dir or default_cache_dir())

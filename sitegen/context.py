@@ -89,6 +89,9 @@ class BuildContext:
     """The selected layers, in execution order."""
     all_layers: list[LayerInfo]
     input_size: tuple[int, int]
+    compare: LoadedModel | None = None
+    """An earlier checkpoint of the same architecture, shown beside the model (``compare.checkpoint``);
+    None for the atlas of one model."""
     device: torch.device = field(default_factory=default_device)
     workers: int = field(default_factory=default_workers)
     results: dict = field(default_factory=dict)

@@ -17,6 +17,7 @@ def registered() -> list[View]:
     """Every view, in the order their links appear.  Add a new view here."""
     from .activations import ActivationsView
     from .attribution import AttributionView
+    from .compare import CompareView
     from .correspondence import CorrespondenceView
     from .featurevis import FeatureVisView
     from .image_pages import ImagePagesView
@@ -24,6 +25,7 @@ def registered() -> list[View]:
     from .occlusion import OcclusionView
     from .tsne import TsneView
 
-    # AttributionView first: its method rows must be sprite rows 1, 2, 3 (row 0 = patches).
-    return [AttributionView(), FeatureVisView(), CorrespondenceView(),
+    # AttributionView first among the views that add sprite rows: its method rows must be rows 1, 2, 3
+    # (row 0 = patches).  CompareView adds none; first, its partial follows the top-k row directly.
+    return [CompareView(), AttributionView(), FeatureVisView(), CorrespondenceView(),
             OcclusionView(), TsneView(), KernelsView(), ActivationsView(), ImagePagesView()]
