@@ -486,7 +486,7 @@ class ComparePass(AnalysisPass):
         moved = int((match != np.arange(c)).sum())
         mean_identity = float(identity.mean()) if c else 1.0
         mean_matched = float(match_corr.mean()) if c else 1.0
-        ranked = sorted(range(c), key=lambda i: (-change[i], jaccard[i], i))
+        ranked = np.lexsort((np.arange(c), jaccard, -change))  # most changed first; ties: lower overlap, index
         return {
             "name": name, "channels": c,
             "change": float(change.mean()) if c else 0.0,

@@ -109,6 +109,7 @@ class CompareView(View):
 
     def __init__(self) -> None:
         self._format = ""
+        self._orders: dict[tuple[int, int], tuple[list[int], dict[int, int]]] = {}
         """The sprites' image format, from the render options ``pages`` receives (before any channel page)."""
 
     def available(self, results: dict) -> bool:
@@ -126,8 +127,17 @@ class CompareView(View):
 
     def _order(self, results: dict, li: int) -> list[int]:
         """The layer's channels, most changed first (ties: lower overlap, then channel index)."""
-        f = self._figures(results, li)
-        return sorted(range(len(f["change"])), key=lambda c: (-float(f["change"][c]), float(f["jaccard"][c]), c))
+        key = (id(results["compare"]), li)
+        if key not in self._orders:  # every channel page of the layer asks
+            f = self._figures(results, li)
+            order = np.lexsort((np.arange(len(f["change"])), f["jaccard"], -f["change"]))
+            self._orders[key] = (order.tolist(), {int(c): i for i, c in enumerate(order)})
+        return self._orders[key][0]
+
+    def _rank(self, results: dict, li: int, c: int) -> int:
+        """Channel ``c``'s place in :meth:`_order` (0 = most changed)."""
+        self._order(results, li)
+        return self._orders[(id(results["compare"]), li)][1][c]
 
     def _old_top(self, results: dict, atlas: dict, li: int, c: int) -> list[dict[str, Any]]:
         """The old model's top-k entries of channel ``c``, read as the atlas reads the new one's."""
@@ -156,7 +166,7 @@ class CompareView(View):
                           "fmap_yx": e["fmap_yx"], "shared": e["index"] in new_images})
         a = results["topk"].arrays
         match = int(f["match"][c])
-        position = self._order(results, li).index(c)
+        position = self._rank(results, li, c)
         fv = None
         old_fv = results.get("featurevis_old")
         if old_fv is not None and name in old_fv.meta.get("layers", []):
