@@ -13,21 +13,25 @@ Public API
     takes one forward (cut short after ``layer``) and one backward; in eval mode samples do not
     interact, so this equals ``N`` separate calls.
 
-    At every ReLU the forward executes, the backward follows the method's rule:
+    At every activation the forward executes as written; the backward follows the method's rule
+    (``sitegen.activation_rules``; x the activation's input, g the gradient arriving from above,
+    g⁺ = max(g, 0)):
 
-    - ``guided`` (Springenberg et al. 2015): pass the gradient only where the forward input was
-      positive *and* the incoming gradient is positive;
-    - ``deconvnet`` (Zeiler & Fergus 2014): pass the incoming gradient rectified (``clamp(min=0)``),
-      whatever the forward input was.  Max-pooling routes through the forward switches, which is
-      what autograd already does;
+    - ``guided`` (Springenberg et al. 2015): ``g⁺ · f′(x)``, which at a ReLU is their rule (pass
+      only where the forward input and the gradient are both positive);
+    - ``deconvnet`` (Zeiler & Fergus 2014): ``g⁺``, whatever the forward input was.  Max-pooling
+      routes through the forward switches, which is what autograd already does;
     - ``gradient``: plain autograd.
 
-    Other activations (GELU, SiLU, sigmoid, ...) have no rule; the plain gradient flows through
-    them and one :class:`AttributionWarning` per call names them.
+    Under both rules a squeeze-and-excitation gate (a feature map times an input-dependent factor
+    without spatial extent) is a scale held constant: nothing flows into the gate's branch.
+    Activations without a rule (softplus, SELU, ...) and products of two feature maps pass the
+    plain gradient; one :class:`AttributionWarning` per call names them, and
+    :func:`sitegen.activation_rules.find_activations` lists them for the pages.
 
 ``attribute_methods(model, inputs, layer, units, methods=METHODS) -> dict[str, torch.Tensor]``
-    The same for several methods, ``{method: tensor}``, from one shared forward: the ReLUs record
-    their masks once and the rule is picked as each method's backward walks the kept graph.
+    The same for several methods, ``{method: tensor}``, from one shared forward: the activations
+    record their derivatives once and the rule is picked as each method's backward walks the kept graph.
 
 ``attribute_batched(model, inputs, layer, units, method="guided", batch_size=64)``
     The same result, computed ``batch_size`` samples at a time (for long lists).
@@ -45,14 +49,13 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from .activation_rules import RuleMode, RuleState
 from .errors import SitegenError
 from .hooks import capture_outputs, get_module, model_guard, run_until
 
@@ -69,136 +72,16 @@ class AttributionWarning(UserWarning):
     """The model runs an activation the chosen method has no rule for."""
 
 
-# --- the ReLU rule --------------------------------------------------------------------------------
-
-# Every way a forward can call a ReLU, as the object that reaches ``__torch_function__``.
-# nn.ReLU (inplace or not) calls F.relu; F.relu(inplace=True) arrives as F.relu with the flag;
-# F.relu_ *is* torch.relu_; Tensor.relu(_) arrive as the TensorBase methods (same objects).
-_RELU_OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
-_RELU_IN_PLACE = frozenset({torch.relu_, F.relu_, torch.Tensor.relu_})
-
-
-def _activation_names() -> dict[Any, str]:
-    """Activations with no guided/deconvnet rule, keyed by the function object the mode sees."""
-    table: dict[Any, str] = {}
-    candidates = {
-        "gelu": [F.gelu],
-        "silu": [F.silu],
-        "mish": [F.mish],
-        "hardswish": [F.hardswish],
-        "hardsigmoid": [F.hardsigmoid],
-        "elu": [F.elu, F.elu_],
-        "selu": [F.selu, torch.selu, torch.selu_],
-        "celu": [F.celu, torch.celu, torch.celu_],
-        "leaky_relu": [F.leaky_relu, F.leaky_relu_],
-        "rrelu": [F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_],
-        "prelu": [F.prelu, torch.prelu],
-        "relu6": [F.relu6],
-        "hardtanh/relu6": [F.hardtanh, F.hardtanh_],  # nn.ReLU6 calls F.hardtanh
-        "threshold": [F.threshold, torch.threshold, torch.threshold_],
-        "softplus": [F.softplus],
-        "logsigmoid": [F.logsigmoid],
-        "softsign": [F.softsign],
-        "tanhshrink": [F.tanhshrink],
-        "glu": [F.glu],
-        "sigmoid": [torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid],
-        "tanh": [torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh],
-    }
-    for name, funcs in candidates.items():
-        for func in funcs:
-            table[func] = name
-    return table
-
-
-_OTHER_ACTIVATIONS = _activation_names()
-
-
-class _RuleState:
-    """Which rule the ReLUs of a recorded forward apply, read when the backward runs.
-
-    One forward can then serve every method: the graph is kept (``retain_graph``) and walked once per
-    method with ``method`` set before each walk."""
-
-    def __init__(self, method: str):
-        self.method = method
-
-
-class _RectifiedReLU(torch.autograd.Function):
-    """ReLU forward; the backward follows ``state.method`` at the time the backward runs.
-    In place when asked, like torch.relu_."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, state: _RuleState, inplace: bool) -> torch.Tensor:
-        ctx.state = state
-        # A boolean mask rather than the output: the model may later modify the output in place,
-        # which would invalidate a saved tensor.  Guided and plain-gradient backwards both need it.
-        ctx.save_for_backward(x > 0)
-        if inplace:
-            ctx.mark_dirty(x)
-            return torch.relu_(x)
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        method = ctx.state.method
-        if method == "deconvnet":
-            return grad.clamp(min=0), None, None
-        (positive_input,) = ctx.saved_tensors
-        if method == "guided":
-            return grad.clamp(min=0) * positive_input, None, None
-        return grad * positive_input, None, None  # "gradient": what autograd's own ReLU backward does
-
-
-def _relu_call(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
-    """The tensor and the in-place flag of a ReLU call, however it was spelt."""
-    x = args[0] if args else kwargs["input"]
-    if func in _RELU_IN_PLACE:
-        return x, True
-    if func is F.relu:
-        return x, bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
-    return x, False
-
-
-def _lookup(table: Any, func: Any) -> bool:
-    try:
-        return func in table
-    except TypeError:  # an unhashable callable cannot be one of ours
-        return False
-
-
-class _RuleMode(TorchFunctionMode):
-    """Sends every ReLU call of the forward through :class:`_RectifiedReLU`.
-
-    A torch-function mode sees F.relu, torch.relu, Tensor.relu and their in-place forms alike,
-    which module hooks cannot (a model calling F.relu has no ReLU module to hook).  Calls made
-    while a handler runs are not seen again, so F.relu6 is reported once, not also as hardtanh.
-    """
-
-    def __init__(self, state: _RuleState):
-        super().__init__()
-        self.state = state
-        self.unhandled: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
-            x, inplace = _relu_call(func, args, kwargs)
-            return _RectifiedReLU.apply(x, self.state, inplace)
-        if _lookup(_OTHER_ACTIVATIONS, func):
-            self.unhandled.add(_OTHER_ACTIVATIONS[func])
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def _rule(method: str) -> Iterator[set[str]]:
-    """Apply the method's ReLU rule inside the block; yields the set of rule-less activations seen.
+    """Apply the method's rules inside the block; yields the set of rule-less kinds seen.
 
     Nothing is patched: the mode is popped on exit, also when the forward raises.
     """
     if method == "gradient":
         yield set()
         return
-    mode = _RuleMode(_RuleState(method))
+    mode = RuleMode(RuleState(method))
     with mode:
         yield mode.unhandled
 
@@ -233,10 +116,10 @@ def _as_unit(unit: Any) -> Unit:
 
 
 def _check_scripted(model: nn.Module, method: str) -> None:
-    # TorchScript code bypasses __torch_function__, so its ReLUs would silently skip the rule.
+    # TorchScript code bypasses __torch_function__, so its activations would silently skip the rules.
     if method != "gradient" and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise AttributionError(
-            f"the {method} rule cannot reach the ReLUs inside a TorchScript module",
+            f"the {method} rule cannot reach the activations inside a TorchScript module",
             "load the model from its Python architecture, or use method 'gradient'",
         )
 
@@ -268,10 +151,10 @@ def _attribute(
     if not units:
         return {m: torch.zeros_like(inputs) for m in methods}, set()
     # Only the plain gradient: no mode at all, so autograd's own backward runs untouched.
-    state = None if all(m == "gradient" for m in methods) else _RuleState(methods[0])
+    state = None if all(m == "gradient" for m in methods) else RuleState(methods[0])
     with model_guard(model):
         x = inputs.detach().clone().requires_grad_(True)
-        mode = _RuleMode(state) if state else contextlib.nullcontext()
+        mode = RuleMode(state) if state else contextlib.nullcontext()
         with capture_outputs(model, [layer], stop_after_last=True) as store, mode:
             # A non-leaf copy, so a model that edits its input in place (x.sub_(mean)) still works.
             run_until(model, x.clone())

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import progress
+from .activation_rules import ActivationReport, describe_unruled
 from .config import Config
 from .context import BuildContext
 from .images import discover as discover_images
@@ -111,6 +112,16 @@ def warn_unusable(reasons: list[str], shown: int = 5) -> None:
                       "(all are listed on the atlas's index page)")
 
 
+def warn_unruled(results: dict[str, Result], layers: int) -> None:
+    """Name the activations guided backprop and deconvnet have no rule for (their pictures are
+    then closer to the gradient's); the index page and the affected channel pages say so too."""
+    attribution = results.get("attribution")
+    if attribution is not None and {"guided", "deconvnet"} & set(attribution.meta.get("methods", [])):
+        line = describe_unruled(ActivationReport.from_dict(attribution.meta.get("activations", {})), layers)
+        if line:
+            progress.info(f"warning: {line}")
+
+
 def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: Config, *,
           force: bool = False, cache_dir: Path | None = None) -> BuildReport:
     out = Path(out)
@@ -128,6 +139,7 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     if not ctx.dist.is_main:
         return report  # only rank 0 writes the site
     warn_unusable(results["topk"].meta.get("failed_reasons", []))
+    warn_unruled(results, len(ctx.layers))
     t = time.perf_counter()
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)

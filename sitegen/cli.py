@@ -154,6 +154,7 @@ def layers(
         typer.echo(f"# {model.name}: {len(found)} layers for {w}×{h} input")
         for row in (columns, *rows):
             typer.echo("\t".join(row))
+        _print_activations(loaded.model, (h, w), table=False)
         return
     table = Table(title=f"{model.name}: {len(found)} layers for {w}×{h} input", title_justify="left")
     for col in columns:
@@ -162,6 +163,37 @@ def layers(
     for row in rows:
         table.add_row(*row)
     Console(soft_wrap=True).print(table)
+    _print_activations(loaded.model, (h, w), table=True)
+
+
+def _print_activations(model, size: tuple[int, int], table: bool) -> None:
+    """Below the layers: the activation kinds of one forward and the rule of each attribution
+    method there (comment lines when piped, so the layer rows stay the only rows)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .activation_rules import describe_unruled, find_activations
+
+    report = find_activations(model, size)
+    columns = ("activation", "how called", "calls", "guided backprop", "deconvnet")
+    rows = [(k.kind, ", ".join(k.calls), str(k.count), k.guided, k.deconvnet) for k in report.kinds]
+    title = "activations and the rules at each (g: the gradient from above, g⁺ = max(g, 0), x: the input)"
+    if not table:
+        typer.echo(f"# {title}")
+        for row in (columns, *rows):
+            typer.echo("# " + "\t".join(row))
+    elif rows:
+        t = Table(title=title, title_justify="left")
+        for col in columns:
+            t.add_column(col, overflow="fold")
+        for k, row in zip(report.kinds, rows):
+            t.add_row(*row, style=None if k.ruled else "red")
+        Console(soft_wrap=True).print(t)
+    else:
+        typer.echo("no activations on the way from the input: the three attribution methods differ only at max-pooling")
+    line = describe_unruled(report)
+    if line:
+        progress.info(f"warning: {line}")
 
 
 @app.command()

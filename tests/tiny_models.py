@@ -46,3 +46,94 @@ class SlowTinyCNN(TinyCNN):
 def slow_tiny_cnn(num_classes: int = 3) -> SlowTinyCNN:
     torch.manual_seed(0)
     return SlowTinyCNN(num_classes)
+
+
+class SmoothCNN(nn.Module):
+    """SiLU, GELU and Hardswish (the activations of EfficientNet, ConvNeXt, MobileNetV3) on 16x16
+    inputs; ``unruled=True`` puts a softplus (no attribution rule) before conv3."""
+
+    def __init__(self, num_classes: int = 3, unruled: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act1 = nn.SiLU(inplace=True)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act3 = nn.Hardswish()
+        self.fc = nn.Linear(8, num_classes)
+        self.unruled = unruled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv1(x))
+        x = self.pool(F.gelu(self.conv2(x)))
+        x = F.softplus(x) if self.unruled else x
+        x = self.act3(self.conv3(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def smooth_cnn(num_classes: int = 3) -> SmoothCNN:
+    torch.manual_seed(0)
+    return SmoothCNN(num_classes)
+
+
+def smooth_cnn_softplus(num_classes: int = 3) -> SmoothCNN:
+    torch.manual_seed(0)
+    return SmoothCNN(num_classes, unruled=True)
+
+
+def _double_backward(ctx, g: torch.Tensor) -> torch.Tensor:
+    return 2 * g
+
+
+# A custom autograd.Function whose class name is markup: its name reaches the pages and must be escaped.
+MarkupFunction = type("<b>Evil</b>", (torch.autograd.Function,), {
+    "forward": staticmethod(lambda ctx, x: 2 * x), "backward": staticmethod(_double_backward)})
+
+
+class MarkupCNN(TinyCNN):
+    """TinyCNN with a custom autograd.Function (no attribution rule) between its convolutions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(MarkupFunction.apply(F.relu(self.conv1(x))))
+        x = F.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def markup_cnn(num_classes: int = 3) -> MarkupCNN:
+    torch.manual_seed(0)
+    return MarkupCNN(num_classes)
+
+
+class SoftplusBlock(nn.Module):
+    """A residual block (conv, activation, conv, add) whose activation is a softplus (no attribution
+    rule) when ``soft``, a SiLU otherwise."""
+
+    def __init__(self, channels: int, soft: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = nn.Identity()
+        self.soft = soft
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = F.softplus(h) if self.soft else F.silu(h)
+        return F.silu(self.conv2(h) + self.shortcut(x))
+
+
+class SoftplusResNet(nn.Module):
+    """A stem and one residual stage of two blocks on 16x16 inputs; the second block has a softplus."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(SoftplusBlock(4, soft=False), SoftplusBlock(4, soft=True))
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(F.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def softplus_resnet(num_classes: int = 3) -> SoftplusResNet:
+    torch.manual_seed(0)
+    return SoftplusResNet(num_classes)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .. import progress
-from ..attribution import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE, _lookup, _relu_call
+from ..activation_rules import classify
 from ..config import FeatureVisConfig
 from ..context import BuildContext
 from ..distributed import gather_to_main
@@ -221,9 +221,9 @@ class _RedirectMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
-            x, inplace = _relu_call(func, args, kwargs)
-            return _RedirectedReLU.apply(x, inplace)
+        call = classify(func, args, kwargs)
+        if call is not None and call.kind == "relu":
+            return _RedirectedReLU.apply(call.x, call.inplace)
         return func(*args, **kwargs)
 
 

@@ -164,6 +164,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
         "dull": dull_rows, "dull_ratio": ctx.config.site.dull_ratio,
         "views": nav, "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
+        "partials": [v.index_partial for v in views if v.index_partial],
+        "extras": {v.name: v.index_context(ctx, atlas, results) for v in views if v.index_partial},
     }, title=opts.title))
     for v in views:
         pages.extend(v.pages(ctx, atlas, results, opts))

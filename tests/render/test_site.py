@@ -261,7 +261,8 @@ def test_a_class_leads_to_its_own_page_else_its_index_anchor(tmp_path):
         "model": {"checkpoint": "m.pt", "arch": "a", "num_classes": 3, "weights_sha256": "0" * 64},
         "data": {"used": 3, "images": 3, "input_size": [8, 8], "classes": atlas["data"]["classes"], "skipped": []},
         "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
-        "layers": [], "dead": [], "dull": [], "dull_ratio": 0.1, "k": 1, "views": []}, title="t")
+        "layers": [], "dead": [], "dull": [], "dull_ratio": 0.1, "k": 1, "views": [], "partials": [],
+        "extras": {}}, title="t")
     write_pages([home], tmp_path / "site", "t")
     refs = parse(tmp_path / "site" / "index.html")
     for c in index["classes"]:

@@ -4,6 +4,8 @@ A view reads pass results (never computes an analysis) and may
  - add whole pages (``pages``) and draw their pictures (``draw``),
  - add rows to every channel's sprite sheet (``sprite_rows``: e.g. guided backprop beside each patch),
  - add a partial template and its data to every channel page (``channel_partial``/``channel_context``),
+ - add a partial template and its data to the index page (``index_partial``/``index_context``),
+ - add a partial template and its data to every layer page (``layer_partial``/``layer_context``),
  - put a link on the index page and in the header (``nav``).
 """
 from __future__ import annotations

@@ -21,6 +21,9 @@ class View:
     layer_partial: str | None = None
     """Template included on every layer page above its tiles, given ``page.extras[name]`` (from
     ``layer_context``); None for views without layer-page content."""
+    index_partial: str | None = None
+    """Template included on the atlas's index page below the layer table, given
+    ``page.extras[name]``; None for views without index-page content."""
 
     def available(self, results: dict[str, "Result"]) -> bool:
         """False when the passes this view reads did not run (the view is then left out)."""
@@ -38,6 +41,9 @@ class View:
         return {}
 
     def layer_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int) -> dict[str, Any]:
+        return {}
+
+    def index_context(self, ctx: "BuildContext", atlas: dict, results: dict) -> dict[str, Any]:
         return {}
 
     def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:
