@@ -23,7 +23,7 @@ from .inputs import plan_inputs
 from .layers import LayerInfo, ReceptiveField
 from .layers import discover as discover_layers
 from .layers import select
-from .model_loading import LoadedModel, load_model
+from .model_loading import LoadedModel, load_like, load_model
 from .distributed import current as current_dist
 from .errors import ConfigError, LayerError, SitegenError
 from .output import (MARKER, SITE_FILES, atlas_files, build_lock, check_target, discard, publish,
@@ -128,6 +128,8 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
     """Everything a pass needs, with every input checked before any output is written.  Folders in
     ``exclude`` (the output) are never read as images."""
     loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
+    # The checkpoint to compare with must fit the model: checked before any image is read.
+    old = load_like(cfg.compare.checkpoint, loaded, cfg.model.trust_pickle) if cfg.compare.checkpoint else None
     images = discover_images(images_dir, cfg.data.max_images, exclude=exclude)
     for rel, reason in images.skipped[:5]:
         progress.info(f"warning: skipping {rel}: {reason}")
@@ -146,7 +148,7 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
         selectable_hint(loaded.model, cfg.layers, all_layers)
         raise
     ctx = BuildContext(config=cfg, model=loaded, images=plan.images, layers=chosen, all_layers=all_layers,
-                       input_size=plan.size, input_notes=plan.notes)
+                       input_size=plan.size, input_notes=plan.notes, compare=old)
     check_config_against(ctx)
     return ctx
 

@@ -98,6 +98,7 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (N ranks of one torch.distributed job; they stop with sitegen)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="An earlier checkpoint of the same architecture: the atlas shows what changed (changes.html)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
     from . import distributed
@@ -123,6 +124,7 @@ def build(
         data={"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
+        compare={"checkpoint": str(_path(compare)) if compare is not None else None},
         layers=layers or [],
         flags={key: (FLAGS[key], str(v)) for key, v in given.items() if v is not None},
     )

@@ -277,6 +277,30 @@ class ActivationsConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """A comparison build: the atlas of the model with an earlier checkpoint of it beside it."""
+
+    checkpoint: str = ""
+    """The earlier checkpoint (same architecture) to compare the model with; also ``--compare``.
+    Empty builds the atlas of one model."""
+    sample: int = 2000
+    """Images (a class-stratified, seeded sample) on which each channel's per-image maxima are kept
+    for the correlations and the channel matching."""
+    seed: int = 0
+    """Seed of that sample: the same seed gives the same images."""
+    channels: int = 10
+    """Most-changed channels listed per layer on the changes page."""
+    changed_images: int = 200
+    """Images whose prediction changed that are listed (each with its page); all are counted."""
+
+    def validate(self, key: str) -> None:
+        _check(10 <= self.sample <= 100_000, f"{key}.sample", "must be between 10 and 100000")
+        _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
+        _check(1 <= self.channels <= 1000, f"{key}.channels", "must be between 1 and 1000")
+        _check(0 <= self.changed_images <= 100_000, f"{key}.changed_images", "must be between 0 and 100000")
+
+
+@dataclass(frozen=True)
 class Config:
     layers: tuple[str, ...] = ()
     """Layer names or glob patterns (``layer3.*``) to show; empty shows every discovered layer."""
@@ -292,6 +316,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     featurevis: FeatureVisConfig = field(default_factory=FeatureVisConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):

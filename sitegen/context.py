@@ -92,6 +92,9 @@ class BuildContext:
     input_size: tuple[int, int]
     input_notes: tuple[str, ...] = ()
     """How the input was decided, where automatically, and warnings about it (the index page lists them)."""
+    compare: LoadedModel | None = None
+    """An earlier checkpoint of the same architecture, shown beside the model (``compare.checkpoint``);
+    None for the atlas of one model."""
     device: torch.device = field(default_factory=default_device)
     workers: int = field(default_factory=default_workers)
     results: dict = field(default_factory=dict)

@@ -486,3 +486,46 @@ def load_model(path: str | Path, arch: str = "", trust_pickle: bool = False) -> 
     check_finite(model, p.name)
     model.eval()
     return LoadedModel(model=model, weights_hash=file_hash(p), arch=arch_name, path=p, num_classes=num_classes)
+
+
+def first_mismatch(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str | None:
+    """The first difference between two state dicts' layouts, in the reference's key order: a key
+    the other lacks, a key whose shape differs, then a key only the other has; None when they fit."""
+    for key, value in reference.items():
+        if key not in other:
+            if key.endswith("num_batches_tracked"):
+                continue  # BatchNorm's counter: load_state_dict fills it in
+            return f"{key!r} is missing (its shape in the model: {tuple(value.shape)})"
+        if tuple(other[key].shape) != tuple(value.shape):
+            return f"{key!r} has shape {tuple(other[key].shape)} where the model has {tuple(value.shape)}"
+    for key, value in other.items():
+        if key not in reference:
+            return f"{key!r} (shape {tuple(value.shape)}) is not a key of the model"
+    return None
+
+
+def load_like(path: str | Path, reference: LoadedModel, trust_pickle: bool = False) -> LoadedModel:
+    """Another checkpoint of ``reference``'s architecture (an earlier version of the same model),
+    loaded into a copy of that model: the reference itself is left untouched.
+
+    A checkpoint that does not fit is refused before anything is computed, naming the first key
+    that differs and both shapes."""
+    import copy
+
+    p = Path(path)
+    content = extract(read_checkpoint(p, trust_pickle), p.name)
+    sd = strip_prefixes(dict(content.state_dict())) if isinstance(content, nn.Module) else content
+    expected = reference.model.state_dict()
+    problem = first_mismatch(expected, sd)
+    if problem is not None:
+        raise ModelLoadError(
+            f"{p.name} does not fit the architecture of {reference.path.name} ({reference.arch}): {problem}",
+            "--compare needs an earlier checkpoint of the same architecture (same layers, same widths, "
+            "same number of classes)",
+        )
+    model = copy.deepcopy(reference.model)
+    model.load_state_dict(sd, strict=False)  # the layouts match; BatchNorm counters may be absent
+    check_finite(model, p.name)
+    model.eval()
+    return LoadedModel(model=model, weights_hash=file_hash(p), arch=reference.arch, path=p,
+                       num_classes=reference.num_classes)

@@ -238,3 +238,35 @@ def test_an_input_mistake_under_workers_is_one_clean_error(tmp_path, tiny_setup,
     assert run.stderr.count("error: no layer 'nope'") == 1, run.stderr
     assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_comparison_on_two_gloo_ranks_equals_one_process(tmp_path, tiny_setup, paths):
+    """The dataset pass of both models on two ranks: the per-image arrays each rank filled for its
+    shard (sample maxima, codes, predictions) merge into the one-process figures."""
+    images, ckpt = tiny_setup
+    old = tmp_path / "old.pt"
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+                for k, v in torch.load(ckpt, weights_only=True).items()}, old)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("".join(f"[{s}]\nenabled = false\n" for s in ("attribution", "featurevis", "occlusion",
+                                                                "kernels", "activations"))
+                   + "[tsne]\niterations = 250\nperplexity = 5.0\n[compare]\nsample = 20\n")
+    common = ["build", str(ckpt), "--images", str(images), "--arch", paths["tiny_arch"], "--no-cache",
+              "--batch-size", "4", "--k", "5", "--config", str(cfg), "--compare", str(old)]
+    one = _build(common + ["-o", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = _build(common + ["-o", str(tmp_path / "two"), "--workers", "2"])
+    assert two.returncode == 0, two.stderr
+    a, b = _atlas(tmp_path / "one"), _atlas(tmp_path / "two")
+    assert_same_atlas(a, b)
+    ca, cb = a["compare"], b["compare"]
+    assert ca["predictions"]["changed_images"] == cb["predictions"]["changed_images"]
+    assert ca["predictions"]["per_class"] == cb["predictions"]["per_class"]
+    assert ca["codes"]["shared_mean"] == pytest.approx(cb["codes"]["shared_mean"])
+    for la, lb in zip(ca["layers"], cb["layers"]):
+        assert la["fits"] == lb["fits"] and la["newly_dead"] == lb["newly_dead"]
+        for x, y in zip(la["channels"], lb["channels"]):
+            assert (x["jaccard"], x["match"]) == (y["jaccard"], y["match"])
+            assert [(e["image"], e["fmap_yx"]) for e in x["old_top"]] == [(e["image"], e["fmap_yx"]) for e in y["old_top"]]
+            assert [e["value"] for e in x["old_top"]] == pytest.approx([e["value"] for e in y["old_top"]], rel=1e-5, abs=1e-6)
+            assert x["correlation"] == pytest.approx(y["correlation"], abs=1e-5)

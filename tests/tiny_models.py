@@ -9,11 +9,11 @@ import torch.nn.functional as F
 class TinyCNN(nn.Module):
     """conv-ReLU-pool-conv-ReLU-linear: every layer kind the atlas handles, in 16x16 inputs."""
 
-    def __init__(self, num_classes: int = 3):
+    def __init__(self, num_classes: int = 3, width: int = 4):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(4, 5, 3, stride=1, padding=0)
+        self.conv2 = nn.Conv2d(width, 5, 3, stride=1, padding=0)
         self.fc = nn.Linear(5, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,12 @@ class TinyCNN(nn.Module):
 def tiny_cnn(num_classes: int = 3) -> TinyCNN:
     torch.manual_seed(0)
     return TinyCNN(num_classes)
+
+
+def wide_tiny_cnn(num_classes: int = 3) -> TinyCNN:
+    """TinyCNN with 6 channels in conv1 instead of 4: a checkpoint that does not fit tiny_cnn."""
+    torch.manual_seed(0)
+    return TinyCNN(num_classes, width=6)
 
 
 class SlowTinyCNN(TinyCNN):

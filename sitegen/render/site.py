@@ -213,6 +213,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                                                  "rel": {-1: "prev", 1: "next"}.get(q["number"] - part["number"])}
                                                 for q in paging],
                 "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
+                "partials": [v.layer_partial for v in views if v.layer_partial],
+                "extras": {v.name: v.layer_context(ctx, atlas, results, li) for v in views if v.layer_partial},
             }, title=f"{name}{shown_range} · {opts.title}", crumbs=crumbs))
         for ch in layer["channels"]:
             c = ch["channel"]
