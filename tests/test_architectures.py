@@ -264,6 +264,8 @@ def test_densenet_fields_equal_the_former_probe(capsys):
 def tiny_config(layers: list[str], classes: bool = False):
     cfg = load_config(None, layers=layers)
     overrides = {
+        # The images' own size: a torchvision architecture would otherwise get its 224-px evaluation transform.
+        "data": {"resize": 0, "crop": 0},
         "topk": {"k": 1, "checkpoint_every": 0},
         "attribution": {"max_side": 16, "methods": ("guided", "gradient")},
         "samples": {"max_images": 2},
