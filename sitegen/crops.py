@@ -27,10 +27,12 @@ def display_box(rf_box: tuple[int, int, int, int], image_hw: tuple[int, int]) ->
     Deep units of small-image models see far more than the image (ResNet-56's last blocks: 249 px
     on 32 px CIFAR images), and the whole field would show the image as a dot in a grey square.
     The window keeps the field's centre, so the grey still shows where the unit sits relative to
-    the image border.
+    the image border.  A field that is not square (Inception's 1×7 and 7×1 convolutions) gets the
+    square as wide as its longer side; a pooled layer's field, the whole input, gets the square
+    around the whole image.
     """
     x0, y0, x1, y1 = rf_box
-    side = min(x1 - x0, max(image_hw))
+    side = min(max(x1 - x0, y1 - y0), max(image_hw))
     cx2, cy2 = x0 + x1, y0 + y1  # twice the centre, to stay in integers
     nx0, ny0 = (cx2 - side) // 2, (cy2 - side) // 2
     return (nx0, ny0, nx0 + side, ny0 + side)

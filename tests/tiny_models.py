@@ -9,11 +9,11 @@ import torch.nn.functional as F
 class TinyCNN(nn.Module):
     """conv-ReLU-pool-conv-ReLU-linear: every layer kind the atlas handles, in 16x16 inputs."""
 
-    def __init__(self, num_classes: int = 3):
+    def __init__(self, num_classes: int = 3, width: int = 4):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(4, 5, 3, stride=1, padding=0)
+        self.conv2 = nn.Conv2d(width, 5, 3, stride=1, padding=0)
         self.fc = nn.Linear(5, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,12 @@ class TinyCNN(nn.Module):
 def tiny_cnn(num_classes: int = 3) -> TinyCNN:
     torch.manual_seed(0)
     return TinyCNN(num_classes)
+
+
+def wide_tiny_cnn(num_classes: int = 3) -> TinyCNN:
+    """TinyCNN with 6 channels in conv1 instead of 4: a checkpoint that does not fit tiny_cnn."""
+    torch.manual_seed(0)
+    return TinyCNN(num_classes, width=6)
 
 
 class SlowTinyCNN(TinyCNN):
@@ -167,3 +173,77 @@ class TinyResNet(nn.Module):
 def tiny_resnet(num_classes: int = 3) -> TinyResNet:
     torch.manual_seed(0)
     return TinyResNet(num_classes)
+class TinyGreyCNN(TinyCNN):
+    """TinyCNN for grey images: its first convolution reads 1 channel (MNIST-style, medical, documents)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+
+
+def tiny_grey_cnn(num_classes: int = 3) -> TinyGreyCNN:
+    torch.manual_seed(0)
+    return TinyGreyCNN(num_classes)
+
+
+class TinyRGBACNN(TinyCNN):
+    """TinyCNN whose first convolution reads 4 channels (RGBA), which sitegen refuses."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+
+
+def tiny_rgba_cnn(num_classes: int = 3) -> TinyRGBACNN:
+    torch.manual_seed(0)
+    return TinyRGBACNN(num_classes)
+
+
+class PoolFreeCNN(nn.Module):
+    """conv-ReLU-conv-ReLU-conv with no pooling: deconvnet's backward never reads the forward here,
+    so its pictures are provably the same for every image."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = self.conv3(x).relu()
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def pool_free_cnn(num_classes: int = 3) -> PoolFreeCNN:
+    torch.manual_seed(0)
+    model = PoolFreeCNN(num_classes)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, as after training
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+class LinearCNN(nn.Module):
+    """Convolutions, BatchNorm, average pooling and a linear layer, no nonlinearity at all: every
+    method's picture is the same for every image."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(5)
+        self.pool = nn.AvgPool2d(2)
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.pool(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def linear_cnn(num_classes: int = 3) -> LinearCNN:
+    torch.manual_seed(0)
+    return LinearCNN(num_classes)

@@ -32,6 +32,7 @@ from ..pages import Page, RenderOptions, channel_url, layer_url, slug, sprite_ur
 from ..patches import encode, sprite
 from ..sizing import row0_bytes, sample_units, texts
 from .base import View
+from .sanity import figures_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...context import BuildContext
@@ -192,7 +193,9 @@ class AttributionView(View):
             link = {"url": f"stages/{stage.slug}/{c}.html", "stage": stage.stage, "caffe": stage.caffe}
         return {"methods": self._methods(results), "default_row": FIRST_ROW,
                 "normalisation": normalisation_note(r.meta["percentile"], r.meta["windows"][i], r.meta["sides"][i]),
-                "stage": link, "unruled": unruled_kinds(r, [layer])}
+                "stage": link, "unruled": unruled_kinds(r, [layer]),
+                # Beside the method switch: how far each method's pictures of this layer can be trusted.
+                "sanity": figures_for(results, layer)}
 
     def index_context(self, ctx: "BuildContext", atlas: dict, results: dict) -> dict[str, Any]:
         r = results["attribution"]
@@ -225,9 +228,11 @@ class AttributionView(View):
         by_name = {l["name"]: l for l in atlas["layers"]}
         r = results["attribution"]
         for s in stages:
+            # The sanity figures of the stage's last block (the deepest pictures on the page).
+            sanity = figures_for(results, s.blocks[-1].name)
             for c in range(s.width):
                 pages.append(Page(f"stages/{s.slug}/{c}.html", "stage.html",
-                                  self._stage_context(s, c, by_name, r, atlas["k"], opts),
+                                  {**self._stage_context(s, c, by_name, r, atlas["k"], opts), "sanity": sanity},
                                   title=f"{s.stage}:{c} · {opts.title}",
                                   crumbs=crumbs + [("stages/index.html", "residual stages")]))
         return pages
