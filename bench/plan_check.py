@@ -47,8 +47,16 @@ def kind(rel: str) -> str:
             return sub[p[1]]
         if rel == "img/colorbar.png":
             return "occlusion page"
+        if p[1] == "sanity":
+            return "sanity charts"
+        if re.search(r"\.old\.[a-z]+$", rel):
+            return "old sprites"
+        if rel.endswith(".fv-old.png"):
+            return "old feature-vis images"
         return "sprites"
     if p[0] == "layers":
+        if p[-1].startswith("by-change"):
+            return "by-change pages"
         return "channel pages" if re.fullmatch(r"\d+\.html", p[-1]) else "layer pages"
     if p[0] == "stages":
         return "stages index" if rel == "stages/index.html" else "stage pages"
@@ -59,7 +67,8 @@ def kind(rel: str) -> str:
         return table[p[0]]
     return {"featurevis.html": "feature-vis pages", "correspondence.html": "correspondence.html",
             "index.html": "index and search", "data/search-index.js": "index and search",
-            "data/atlas.json": "data/atlas.json"}.get(rel, "assets")
+            "data/atlas.json": "data/atlas.json", "sanity.html": "sanity page", "changes.html": "changes pages",
+            "changes-tsne.html": "changes pages"}.get(rel, "assets")
 
 
 def measured_kinds(site: Path) -> dict[str, list[float]]:

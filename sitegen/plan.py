@@ -16,6 +16,7 @@ estimates with what it measured.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .context import BuildContext
 from .errors import SitegenError
 from .layers import LayerInfo, select
 from .passes import default_passes
-from .passes.base import Cache
+from .passes.base import Cache, Result
 from .planning import PassPlan, Probe, SiteItem, SizeSamples, human_bytes, human_seconds, total
 
 
@@ -176,6 +177,10 @@ def reductions(ctx: BuildContext, sizes: SizeSamples, items: list[SiteItem]) -> 
        is not set.
 
     The residual stream (block outputs) and the stem go last: they are what the stage views follow.
+    The sanity checks are no step of their own (a page and a chart per method, and a few lines on
+    the pages: cheap beside the sprites): a method's figures go with its row, the rest with
+    attribution.  In a comparison build the old checkpoint's sprites, sections and tiles go with
+    their layer, and its feature-visualisation images are drawn smaller with the new model's.
     """
     cfg = ctx.config
     steps: list[Reduction] = []
@@ -195,17 +200,22 @@ def reductions(ctx: BuildContext, sizes: SizeSamples, items: list[SiteItem]) -> 
     if cfg.featurevis.enabled and cfg.featurevis.image_size == 0:
         from .render.views.featurevis import FeatureVisView
 
+        from .render.views.compare import CompareView
+
         h, w = ctx.input_size
         for side in FEATUREVIS_SIDES:
             if side >= min(h, w):
                 continue
             smaller = dataclasses.replace(ctx, config=_with(cfg, "featurevis.image_size", side))
-            new = [i for i in _marked(FeatureVisView().estimate(smaller, sizes)) if i.tag == "featurevis"]
+            # The new model's images and, in a comparison build, the old model's: both drawn smaller.
+            drawn = [i for v in (FeatureVisView(), CompareView()) for i in v.estimate(smaller, sizes) or []]
+            new = [i for i in _marked(drawn) if i.tag == "featurevis"]
             steps.append(Reduction("feature-visualisation images", f"{side}×{side} px instead of {w}×{h} px",
                                    f"featurevis.image_size = {max(h, w)} in site_config.toml", replace=tuple(new),
                                    setting=("featurevis.image_size", side)))
     if auto_methods:
-        steps.append(Reduction("attribution", f"the {methods[0]} row and the stage pages (attribution off)",
+        checks = " and the sanity checks" if cfg.sanity.enabled else ""
+        steps.append(Reduction("attribution", f"the {methods[0]} row, the stage pages{checks} (attribution off)",
                                "attribution.enabled = true in site_config.toml",
                                tags=(f"attribution:{methods[0]}", "attribution"), setting=("attribution.enabled", False)))
     if auto_layers:
@@ -324,19 +334,26 @@ def estimate_passes(ctx: BuildContext, cache: Cache | None, probe: Probe) -> lis
 
 
 def _cached(p, ctx: BuildContext, cache: Cache) -> bool:
-    """Whether the pass's result is in the cache (the attribution pass's key needs the top-k result:
-    read when it is cached, otherwise the attribution cannot be cached either)."""
+    """Whether the pass's result is in the cache.  A hit is read into ``ctx.results`` (the passes are
+    asked in build order), so the keys of later passes that depend on earlier results come out as in
+    the build: the attribution pass's on the dataset pass's result (read whole), the sanity checks'
+    on both (the attribution result's metadata is all its key reads).  A key that needs a result
+    not in the cache cannot be computed: the pass counts as not cached."""
     if cache.root is None:
         return False
     try:
-        if "topk" not in ctx.results and p.name != "topk":
-            from .passes.topk import TopKPass
-
-            top = TopKPass(ctx.config.topk)
-            hit = cache.get(top, top.cache_key(ctx))
-            if hit is not None:
-                ctx.results["topk"] = hit
-        return cache.folder(p, p.cache_key(ctx)) is not None and (cache.folder(p, p.cache_key(ctx)) / "meta.json").is_file()
+        key = p.cache_key(ctx)
+        folder = cache.folder(p, key)
+        if folder is None or not (folder / "meta.json").is_file():
+            return False
+        if p.name == "topk":
+            hit = cache.get(p, key)
+            if hit is None:
+                return False
+        else:
+            hit = Result(meta=json.loads((folder / "meta.json").read_text(encoding="utf-8")))
+        ctx.results[p.name] = hit
+        return True
     except Exception:  # a key that needs results not available yet
         return False
 

@@ -113,6 +113,7 @@ class Probe:
         self.target = target if target is not None else (0.05 if ctx.device.type == "cuda" else 0.2)
         self.seconds_spent = 0.0
         self._fits: dict[str, Fit] = {}
+        self._once: dict[str, float] = {}
         self._pixels: list[np.ndarray] = []
         self._next = 0
         self._decode: float | None = None
@@ -210,6 +211,14 @@ class Probe:
 
     def remember(self, key: str) -> Fit | None:
         return self._fits.get(key)
+
+    def measure(self, key: str, fn: Callable[[], Any]) -> float:
+        """Seconds of one call of ``fn`` (the fastest of a few when it is short), timed once per
+        ``key``: passes that need the same measurement (the t-SNE of the codes, run for the new and
+        for the old model's codes) share it."""
+        if key not in self._once:
+            self._once[key] = self.best(fn, self.target)
+        return self._once[key]
 
     # -- depth: where a layer sits in the forward pass, in compute
 

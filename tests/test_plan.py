@@ -96,6 +96,36 @@ def test_the_site_estimate_matches_a_real_build(resnet_build):
     assert by_kind["feature-vis images"] == len(list(site.rglob("*.fv.png")))
 
 
+def test_a_comparison_build_is_estimated_too(resnet_setup, tmp_path):
+    """With --compare the old model's sprites, feature-vis images, sections, by-change pages and the
+    changes pages are foreseen as well: every file, and the bytes within the same ±20 %; the
+    comparison and the sanity checks have their own time estimates."""
+    root, ckpt, images = resnet_setup
+    from sitegen.model_loading import build_architecture
+
+    torch.manual_seed(1)  # another set of weights of the same architecture
+    old = tmp_path / "old.pt"
+    torch.save(build_architecture(RESNET_ARCH, None).state_dict(), old)
+    cfg = from_dict({"model": {"arch": RESNET_ARCH}, "compare": {"checkpoint": str(old)}, **SMALL})
+    progress.set_quiet(True)
+    try:
+        report = build(ckpt, images, tmp_path / "site", cfg, cache_dir=None)
+    finally:
+        progress.set_quiet(False)
+    plan, files = report.plan, site_files(tmp_path / "site")
+    assert plan.missing_views == []
+    assert plan.site_files == len(files), (plan.site_files, len(files))
+    measured = sum(p.stat().st_size for p in files)
+    assert 0.8 <= measured / plan.site_bytes <= 1.2, (measured, plan.site_bytes)
+    by_kind: dict[str, int] = {}
+    for i in plan.items:
+        by_kind[i.what] = by_kind.get(i.what, 0) + i.files
+    assert by_kind["old sprites"] == len(list((tmp_path / "site").rglob("*.old.webp")))
+    seconds = {p.name: p.seconds for p in plan.passes}
+    assert {"compare", "sanity"} <= set(seconds)
+    assert all(s is not None and 0 < s < 3600 for s in seconds.values()), seconds
+
+
 def test_every_pass_has_an_estimate_and_the_build_records_it(resnet_build):
     report, site = resnet_build
     plan = report.plan

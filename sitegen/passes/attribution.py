@@ -56,7 +56,7 @@ from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..crops import GREY, PixelCache, display_box, resize_square
-from ..planning import PassPlan, Probe, count
+from ..planning import Fit, PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 PERCENTILE = 99.0
@@ -200,9 +200,7 @@ class AttributionPass(AnalysisPass):
         names = [l.name for l in ctx.layers]
         batch = ctx.batch_size(self.config.batch_size)
         units = {l.name: l.channels * k for l in ctx.layers}
-        fits = probe.per_layer(f"attribution:{','.join(methods)}:{self.config.max_side}", names,
-                               lambda name: probe.fit(f"attribution@{name}", self._prober(ctx, probe, name, methods),
-                                                      cap=batch))
+        fits = self.unit_fits(ctx, probe, batch)
         world = max(1, ctx.dist.world)
         seconds = sum(fits[n].batched(u, batch) for n, u in units.items()) / world
         total = sum(units.values())
@@ -210,6 +208,16 @@ class AttributionPass(AnalysisPass):
         return PassPlan(self.name, seconds, {"units": total, "methods": len(methods), "layers": len(names),
                                              "batch": batch},
                         f"{count(total)} units × {len(methods)} method{'s' if len(methods) > 1 else ''}")
+
+    def unit_fits(self, ctx: BuildContext, probe: Probe, batch: int) -> dict[str, Fit]:
+        """Per shown layer, seconds of a batch of n units (one forward to the layer, one backward per
+        method, the crops): ``_batch`` timed at up to three layers, the others interpolated by depth.
+        The sanity checks' pairs are the same computation and read the same fits."""
+        methods = list(self.config.methods)
+        names = [l.name for l in ctx.layers]
+        return probe.per_layer(f"attribution:{','.join(methods)}:{self.config.max_side}", names,
+                               lambda name: probe.fit(f"attribution@{name}", self._prober(ctx, probe, name, methods),
+                                                      cap=batch))
 
     def _prober(self, ctx: BuildContext, probe: Probe, name: str, methods: list[str]):
         """``run(m)``: one ``_batch`` of m units of layer ``name`` at seeded random positions of real

@@ -84,6 +84,20 @@ def grid_assignment(xy: np.ndarray) -> tuple[int, np.ndarray]:
     return side, out
 
 
+def embed_seconds(probe: Probe, cfg: TsneConfig, n: int) -> float:
+    """Estimated seconds of :func:`embed` on ``n`` points: timed on at most PROBE_POINTS random points
+    of the PCA's dimension with the configured iterations (scikit-learn stops early once the
+    embedding settles, which a run of fewer iterations would not show), scaled by n·log n.  Timed
+    once per probe: the comparison's t-SNE of the old codes shares the measurement."""
+    if n < 5:
+        return 0.0
+    m = min(n, PROBE_POINTS)
+    x = np.random.default_rng(0).standard_normal((m, min(cfg.pca_dims, n)))
+    t = probe.measure(f"tsne-embed:{m}x{x.shape[1]}:{cfg.method}:{cfg.iterations}:{cfg.perplexity}",
+                      lambda: embed(x, cfg))
+    return t * ((n * math.log(n)) / (m * math.log(m)) if n > m else 1.0)
+
+
 def embed(x: np.ndarray, cfg: TsneConfig) -> tuple[np.ndarray, float]:
     """2-D t-SNE of ``x`` with the configured method and seed; also the perplexity used (t-SNE needs
     it below the number of points, so tiny sets get a smaller one)."""
@@ -187,10 +201,7 @@ class TsnePass(AnalysisPass):
             return PassPlan(self.name, seconds, work, f"{count(n)} codes (too few for t-SNE)")
         rng = np.random.default_rng(0)
         m = min(n, PROBE_POINTS)
-        x = rng.standard_normal((m, min(self.config.pca_dims, n)))
-        t = probe.time(lambda: embed(x, self.config))
-        grow = (n * math.log(n)) / (m * math.log(m)) if n > m else 1.0
-        seconds += t * grow
+        seconds += embed_seconds(probe, self.config, n)
         dims = int(getattr(get_module(ctx.net, layer), "in_features", 0) or 512)
         codes = rng.standard_normal((m, dims))
         classes = rng.integers(0, 10, m)

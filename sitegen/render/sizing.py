@@ -90,3 +90,31 @@ def row0_bytes(ctx: BuildContext, sizes: SizeSamples, layer: LayerInfo) -> float
         return float(np.mean(out)) if out else 0.0
 
     return sizes.memo(f"row0:{layer.name}:{cfg.site.image_format}:{cfg.site.patch_size}:{k}", measure)
+
+
+def changed_share(ctx: BuildContext, sizes: SizeSamples) -> float:
+    """In a comparison build, the share of SAMPLE_IMAGES images (spread over the list) whose top class
+    differs between the model and the checkpoint it is compared with: how many images the changes
+    page will list and give a page.  0 when the outputs are not class scores."""
+    import torch
+
+    from ..errors import ModelLoadError
+    from ..hooks import model_guard
+    from ..images import normalise
+    from ..model_loading import logits
+
+    def run() -> float:
+        ids = sizes.image_ids(SAMPLE_IMAGES)
+        if ctx.compare is None or not ids:
+            return 0.0
+        x = normalise(torch.from_numpy(np.stack([sizes.pixels(i) for i in ids])).to(ctx.device), ctx.config.data)
+        tops = []
+        try:
+            for net in (ctx.net, ctx.compare.model):
+                with model_guard(net), torch.inference_mode():
+                    tops.append(logits(net(x)).argmax(1).cpu())
+        except ModelLoadError:  # no class scores: the comparison lists no predictions
+            return 0.0
+        return float((tops[0] != tops[1]).float().mean())
+
+    return sizes.memo("changed-share", run)

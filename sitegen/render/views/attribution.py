@@ -295,7 +295,8 @@ class AttributionView(View):
                 items.append(SiteItem("attribution", "sprites", 0, l.channels * ratios[l.name][m] * row0,
                                       l.name, tag=f"attribution:{m}"))
             cell = HTML["channel_cell"] + 2 * len(slug(l.name)) + 3 * t.name + t.rel + t.label
-            items.append(SiteItem("attribution", "channel pages", 0, l.channels * (HTML["channel"] + k * cell), l.name))
+            items.append(SiteItem("attribution", "channel pages", 0, l.channels * (HTML["channel"] + k * cell), l.name,
+                                  tag="attribution"))
         stages = find_stages(ctx, [l.name for l in ctx.layers])
         for s in stages:
             page = f"stages/{s.slug}/{s.width - 1}.html"
@@ -304,12 +305,13 @@ class AttributionView(View):
                 col = s.width * (HTML["stage_column"] + 4 * len(b.name) + k * (cell + 2 * len(slug(b.name))))
                 base = s.width * (HTML["stage"] + HTML["stages_link"]) + HTML["stages_stage"] if i == 0 else 0
                 items.append(SiteItem("attribution", "stage pages", s.width if i == 0 else 0, col + base, b.name,
-                                      example=page))
+                                      tag="attribution", example=page))
                 if b.name in s.branches:
                     br = s.branches[b.name]
                     items.append(SiteItem("attribution", "stage pages", 0, s.width * (
-                        HTML["stage_column"] + 4 * len(br) + k * (cell + 2 * len(slug(br)))), br))
-        items.append(SiteItem("attribution", "stages index", 1, HTML["stages"], example="stages/index.html"))
+                        HTML["stage_column"] + 4 * len(br) + k * (cell + 2 * len(slug(br)))), br, tag="attribution"))
+        items.append(SiteItem("attribution", "stages index", 1, HTML["stages"], tag="attribution",
+                              example="stages/index.html"))
         return items
 
     def _row_ratios(self, ctx: "BuildContext", sizes: "SizeSamples", methods: list[str]) -> dict[str, dict[str, float]]:
