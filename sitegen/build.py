@@ -79,17 +79,28 @@ def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: 
     return layers
 
 
-def check_cache_dir(cache_dir: Path | None) -> None:
-    """A cache folder that exists (or can be made) and is a folder, before any work."""
+def check_cache_dir(cache_dir: Path | None) -> bool:
+    """A cache folder that exists (or can be made) and is a folder, before any work.
+    True when this call made it (a build that then fails takes the empty folder away again)."""
     if cache_dir is None:
-        return
+        return False
     hint = "point --cache-dir at a folder (it is created if missing), or pass --no-cache"
     if cache_dir.exists() and not cache_dir.is_dir():
         raise SitegenError(f"cache folder {str(cache_dir)!r} is a file, not a folder", hint)
+    made = not cache_dir.exists()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SitegenError(f"cannot create the cache folder {str(cache_dir)!r}: {e.strerror}", hint) from None
+    return made
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Take back a folder this run made and left empty (a failed build leaves no trace)."""
+    try:
+        folder.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        pass
 
 
 def selectable_hint(model: torch.nn.Module, patterns: tuple[str, ...], layers: list[LayerInfo]) -> None:
@@ -198,16 +209,22 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     """Build the atlas; with ``plan_only``, stop after the plan (``sitegen plan``): nothing is
     written, no lock is taken, and the report carries the plan."""
     out = Path(out).expanduser()
-    check_cache_dir(cache_dir)
-    if plan_only:
-        return _build(model_path, images_dir, out, cfg, cache_dir, plan_only=True)
+    made_cache = check_cache_dir(cache_dir)
     main = current_dist().is_main
-    # One build at a time writes an atlas (rank 0 of a job writes it; the other ranks never do).
-    with build_lock(out) if main else contextlib.nullcontext():
-        if main:
-            remove_stale_staging(out)
-        check_target(out, force, images=Path(images_dir).expanduser(), site_files=(*SITE_FILES, *asset_files()))
-        return _build(model_path, images_dir, out, cfg, cache_dir)
+    try:
+        if plan_only:
+            return _build(model_path, images_dir, out, cfg, cache_dir, plan_only=True)
+        # One build at a time writes an atlas (rank 0 of a job writes it; the other ranks never do).
+        with build_lock(out) if main else contextlib.nullcontext():
+            if main:
+                remove_stale_staging(out)
+            check_target(out, force, images=Path(images_dir).expanduser(),
+                         site_files=(*SITE_FILES, *asset_files()))
+            return _build(model_path, images_dir, out, cfg, cache_dir)
+    except BaseException:
+        if made_cache:
+            _remove_if_empty(cache_dir)
+        raise
 
 
 def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Config,

@@ -250,10 +250,24 @@ def _factory_from_spec(spec: str) -> Callable[..., nn.Module]:
                                  "check the module name, or give a file path: path/to/net.py:NAME") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ModelLoadError(f"{source} has no callable {attr!r}",
-                             f"callables there: {', '.join(public[:12])}")
+        raise ModelLoadError(f"{source} has no callable {attr!r}", _callables_hint(module, attr))
     return factory
+
+
+def _callables_hint(module, attr: str, limit: int = 12) -> str:
+    """Name what the module does define: close spellings of ``attr`` first, then the factory functions
+    and classes written in that module (not the ones it imports), functions before classes."""
+    import difflib
+    import inspect
+
+    public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+    own = [n for n in public if getattr(getattr(module, n), "__module__", None) == module.__name__] or public
+    close = difflib.get_close_matches(attr, own, n=3, cutoff=0.6)
+    rest = sorted((n for n in own if n not in close), key=lambda n: (inspect.isclass(getattr(module, n)), n))
+    names = close + rest
+    more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+    lead = f"did you mean {close[0]!r}? " if close else ""
+    return f"{lead}callables there: {', '.join(names[:limit])}{more}"
 
 
 def _on_path(folder: Path) -> None:
