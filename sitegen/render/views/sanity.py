@@ -109,7 +109,7 @@ class SanityView(View):
         method's lines, rows and chart carry its attribution tag, so they go with its sprite row;
         the rest goes when attribution is off (the checks need it)."""
         from ..pages import TILES_PER_PAGE, slug
-        from .attribution import find_stages
+        from ..stages import find_stages
 
         cfg = ctx.config
         if not (cfg.attribution.enabled and cfg.sanity.enabled and ctx.layers):
