@@ -52,6 +52,8 @@ class BuildReport:
     site_files: int = 0
     unusable: int = 0
     """Listed images the dataset pass could not use (undecodable, another size); part of ``skipped``."""
+    plan: Any = None
+    """The build's :class:`sitegen.plan.Plan`: estimates made before the passes ran."""
 
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
@@ -164,12 +166,16 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
     return ctx
 
 
-def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:
+def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport, plan: Any = None) -> dict[str, Result]:
+    from .plan import announce
+
     results: dict[str, Result] = {}
     ctx.results = results
+    started = time.perf_counter()
     for p in default_passes(ctx.config):
         if ctx.dist.active and not p.distributed and not ctx.dist.is_main:
             continue  # a pass that does not split its work runs on rank 0 alone
+        announce(plan, p.name, time.perf_counter() - started)
         t = time.perf_counter()
         results[p.name], report.cached[p.name] = run_cached(p, ctx, cache)
         report.timings[f"pass:{p.name}"] = time.perf_counter() - t
@@ -199,11 +205,15 @@ def warn_unruled(results: dict[str, Result], layers: int) -> None:
 
 
 def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: Config, *,
-          force: bool = False, cache_dir: Path | None = None) -> BuildReport:
+          force: bool = False, cache_dir: Path | None = None, plan_only: bool = False) -> BuildReport:
+    """Build the atlas; with ``plan_only``, stop after the plan (``sitegen plan``): nothing is
+    written, no lock is taken, and the report carries the plan."""
     out = Path(out).expanduser()
     made_cache = check_cache_dir(cache_dir)
     main = current_dist().is_main
     try:
+        if plan_only:
+            return _build(model_path, images_dir, out, cfg, cache_dir, plan_only=True)
         # One build at a time writes an atlas (rank 0 of a job writes it; the other ranks never do).
         with build_lock(out) if main else contextlib.nullcontext():
             if main:
@@ -218,15 +228,25 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
 
 
 def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Config,
-           cache_dir: Path | None) -> BuildReport:
+           cache_dir: Path | None, *, plan_only: bool = False) -> BuildReport:
+    from .plan import comparison, make_plan
+
     t0 = time.perf_counter()
     ctx = prepare(model_path, images_dir, cfg, cache_dir, exclude=(out,))
-    report = BuildReport(index=out / "index.html", images=len(ctx.images),
-                         layers=len(ctx.layers), channels=sum(l.channels for l in ctx.layers))
+    report = BuildReport(index=out / "index.html", images=len(ctx.images))
     report.timings["prepare"] = time.perf_counter() - t0
-    progress.info(f"{len(ctx.images)} images, {report.layers} layers, {report.channels} channels, "
-                  f"device {ctx.device.type}")
-    results = run_passes(ctx, Cache(cache_dir), report)
+    # The plan: what to show so the site fits site.max_bytes, and each pass's estimate (raises
+    # before any work when the plan is over the budget and may not be reduced).
+    t = time.perf_counter()
+    report.plan, ctx = make_plan(ctx, Cache(cache_dir))
+    report.timings["plan"] = time.perf_counter() - t
+    report.layers, report.channels = len(ctx.layers), sum(l.channels for l in ctx.layers)
+    cfg = ctx.config
+    if plan_only:
+        return report
+    for line in report.plan.lines():
+        progress.info(line)
+    results = run_passes(ctx, Cache(cache_dir), report, report.plan)
     report.unusable = len(results["topk"].arrays["failed"])
     report.skipped = len(ctx.images.skipped) + report.unusable
     if not ctx.dist.is_main:
@@ -237,8 +257,11 @@ def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Confi
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)
     try:
+        measured = {k.split(":", 1)[1]: v for k, v in report.timings.items() if k.startswith("pass:")}
         render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size,
-                                                   image_format=cfg.site.image_format))
+                                                   image_format=cfg.site.image_format,
+                                                   left_out=report.plan.page_notes(),
+                                                   build=report.plan.record(measured, report.cached)))
         publish(staged, out)
     except BaseException:
         discard(staged)
@@ -246,6 +269,8 @@ def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Confi
     report.timings["render"] = time.perf_counter() - t
     report.timings["total"] = time.perf_counter() - t0
     report.site_files, report.site_bytes = site_size(out)
+    for line in comparison(report.plan, report.timings, report.cached, report.site_bytes, report.site_files):
+        progress.info(line)
     if report.site_bytes > PAGES_LIMIT:
         progress.info(f"warning: the atlas is {report.site_bytes / 1e9:.2f} GB, over GitHub Pages' 1 GB limit; "
                       "docs/size.md shows which settings shrink it (layers, attribution.methods, site.patch_size)")

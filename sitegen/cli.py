@@ -1,4 +1,4 @@
-"""The command line: ``sitegen build``, ``sitegen layers``, ``sitegen demo``.
+"""The command line: ``sitegen build``, ``sitegen plan``, ``sitegen layers``, ``sitegen demo``.
 
 Every :class:`SitegenError` becomes one readable message and exit code 2; a traceback is shown
 only with ``--debug``.
@@ -47,7 +47,8 @@ class _Interrupted(Exception):
 
 
 FLAGS = {"data.resize": "--resize", "data.crop": "--crop", "data.mean": "--mean", "data.std": "--std",
-         "data.max_images": "--max-images", "topk.k": "--k", "topk.batch_size": "--batch-size"}
+         "data.max_images": "--max-images", "topk.k": "--k", "topk.batch_size": "--batch-size",
+         "site.max_bytes": "--max-bytes"}
 """The config key each build flag sets: a bad flag value is reported by its flag."""
 
 
@@ -80,6 +81,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 @app.command(cls=_Command)
 def build(
+    command: typer.Context,
     model: Path = typer.Argument(..., metavar="MODEL", help="Checkpoint: a state dict, a checkpoint dict, or (with --trust-pickle) a pickled model."),
     images: Path = typer.Option(..., "--images", "-i", help="Folder of images (searched recursively; class sub-folders give labels)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture: torchvision:resnet50, path/net.py:factory or pkg.mod:factory."),
@@ -99,6 +101,8 @@ def build(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (N ranks of one torch.distributed job; they stop with sitegen)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="An earlier checkpoint of the same architecture: the atlas shows what changed (changes.html)."),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Size budget of the site in bytes "
+                                            "(default 1000000000, GitHub Pages' limit; 0 lifts it)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
     from . import distributed
@@ -107,6 +111,9 @@ def build(
 
     if workers < 1:
         raise SitegenError(f"--workers {workers} must be at least 1", "e.g. --workers 4 (one rank per GPU or per few cores)")
+    plan_only = command.info_name == "plan"  # `sitegen plan` is this command that stops after the plan
+    if plan_only:
+        workers = 1  # the plan is made by one process (rank 0 makes it in a build too)
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         from .launcher import run_local
 
@@ -117,23 +124,29 @@ def build(
 
     model_section = {"arch": arch, "trust_pickle": True if trust_pickle else None}
     given = {"data.resize": resize, "data.crop": crop, "data.mean": mean, "data.std": std,
-             "data.max_images": max_images, "topk.k": k, "topk.batch_size": batch_size}
+             "data.max_images": max_images, "topk.k": k, "topk.batch_size": batch_size, "site.max_bytes": max_bytes}
     cfg = load_config(
         _path(config),
         model=model_section,
         data={"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
+        site={"max_bytes": max_bytes},
         compare={"checkpoint": str(_path(compare)) if compare is not None else None},
         layers=layers or [],
         flags={key: (FLAGS[key], str(v)) for key, v in given.items() if v is not None},
     )
     cache = None if no_cache else (_path(cache_dir) or default_cache_dir())
     try:
-        report = run_build(_path(model), _path(images), _path(out), cfg, force=force, cache_dir=cache)
+        report = run_build(_path(model), _path(images), _path(out), cfg, force=force, cache_dir=cache,
+                           plan_only=plan_only)
         dist.barrier()
     finally:
         distributed.shutdown()
+    if plan_only:
+        for line in report.plan.lines():
+            typer.echo(line)
+        return
     if dist.is_main:
         used = report.images - report.unusable
         skipped = f" ({report.skipped} skipped)" if report.skipped else ""
@@ -141,6 +154,12 @@ def build(
                       f"in {report.timings['total']:.1f} s: {report.site_files} files, "
                       f"{report.site_bytes / 2**20:.1f} MiB")
         typer.echo(str(report.index.resolve()))
+
+
+app.command("plan", cls=_Command,
+            help="Print what `build` with the same flags would do and stop: the layers and views it would "
+                 "show to fit --max-bytes, each pass's work and estimated time on this device, and the "
+                 "site's estimated size and file count. Writes nothing.")(build)
 
 
 def _without_workers(argv: list[str]) -> list[str]:

@@ -186,11 +186,16 @@ class SiteConfig:
     dull_ratio: float = 0.05
     """A channel is dull when the std of its spatial means over the images is below this fraction of
     its layer's median std (and it is not dead): it barely varies, whatever the image."""
+    max_bytes: int = 10**9
+    """Size budget of the site in bytes (GitHub Pages publishes at most 1 GB); 0 lifts it.  Over it, a
+    build that was not given layers leaves parts out in a documented order (docs/planning.md) and
+    says which; a build given layers stops before any work."""
 
     def validate(self, key: str) -> None:
         _check(8 <= self.patch_size <= 512, f"{key}.patch_size", "must be between 8 and 512")
         _check(self.image_format in ("webp", "png"), f"{key}.image_format", 'must be "webp" or "png"')
         _check(0 <= self.dull_ratio < 1, f"{key}.dull_ratio", "must be ≥ 0 and < 1 (0 marks no channel dull)")
+        _check(self.max_bytes >= 0, f"{key}.max_bytes", "must be ≥ 0 bytes (0 lifts the limit)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Progress bars for long work: Rich bars on a terminal, plain lines otherwise (CI logs, pipes)."""
+"""Progress bars for long work: Rich bars on a terminal, plain lines otherwise (CI logs, pipes).
+
+Both carry an ETA: Rich's remaining-time column, and in plain lines the time left at the rate so
+far (``ETA 1:05``), shown once a tenth of the work is done.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -53,6 +57,25 @@ def info(message: str) -> None:
 
 
 @contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """No bars and no messages inside (the planner's probe runs passes' code on a few images)."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
+
+
+def clock(seconds: float) -> str:
+    """``0:42``, ``12:05``, ``2:03:10``: a duration as a clock reading."""
+    s = max(0, int(round(seconds)))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+@contextlib.contextmanager
 def bar(description: str, total: int, unit: str = "items") -> Iterator[Callable[[int], None]]:
     """Yields ``advance(n)``.  Plain mode prints at most ~10 lines per bar."""
     if _quiet or total <= 0:
@@ -72,8 +95,9 @@ def bar(description: str, total: int, unit: str = "items") -> Iterator[Callable[
         nonlocal done, next_mark
         done += n
         if done / total >= next_mark or done == total:
-            print(f"{description}: {done}/{total} {unit} ({time.monotonic() - start:.1f} s)",
-                  file=sys.stderr, flush=True)
+            elapsed = time.monotonic() - start
+            eta = f", ETA {clock(elapsed / done * (total - done))}" if 0 < done < total else ""
+            print(f"{description}: {done}/{total} {unit} ({elapsed:.1f} s{eta})", file=sys.stderr, flush=True)
             while next_mark <= done / total:
                 next_mark += 0.1
 

@@ -15,6 +15,8 @@ from .. import progress
 from ..config import ActivationsConfig, SamplesConfig
 from ..context import BuildContext
 from ..hooks import capture_outputs, model_guard, run_until
+from ..images import normalise
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, Result
 from .sampling import key_with, sample_images
 
@@ -39,14 +41,36 @@ class ActivationsPass(AnalysisPass):
     def cache_key(self, ctx: BuildContext) -> str:
         return key_with(super().cache_key(ctx), self.samples)
 
+    def reduce(self, _name: str, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What is kept of a layer's output, in its forward hook: maxima, minima and the pooled maps."""
+        flat = out.detach().flatten(2)
+        # float16 halves the cache; clamped so a huge activation saturates rather than becoming inf.
+        return flat.amax(2), flat.amin(2), shrink(out.detach(), self.config.max_side).clamp(-65000, 65000).half()
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """A forward of every sample image with every layer captured and reduced: timed as the pass
+        runs it on 1 and on a few real images, plus their decoding."""
+        names = [l.name for l in ctx.layers]
+        samples = len(sample_images(ctx.images, self.samples))
+        batch = ctx.batch_size(0)
+
+        def run(m: int) -> None:
+            x = probe.inputs(m)
+            with model_guard(ctx.net), torch.inference_mode(), \
+                    capture_outputs(ctx.net, names, stop_after_last=True, transform=self.reduce) as store:
+                run_until(ctx.net, x)
+                for n in names:
+                    [t.cpu() for t in store[n]]
+
+        fit = probe.fit("activations", run, cap=batch)
+        seconds = fit.batched(samples, batch) + samples * probe.decode_seconds()
+        return PassPlan(self.name, seconds, {"images": samples, "layers": len(names)},
+                        f"{count(samples)} images × {len(names)} layers")
+
     def run(self, ctx: BuildContext) -> Result:
         names = [l.name for l in ctx.layers]
         side = self.config.max_side
-
-        def reduce(_name: str, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            flat = out.detach().flatten(2)
-            # float16 halves the cache; clamped so a huge activation saturates rather than becoming inf.
-            return flat.amax(2), flat.amin(2), shrink(out.detach(), side).clamp(-65000, 65000).half()
+        reduce = self.reduce
 
         wanted = sample_images(ctx.images, self.samples)
         ids: list[int] = []
@@ -77,3 +101,14 @@ class ActivationsPass(AnalysisPass):
             arrays[f"L{li}.min"] = mn.float().numpy()
             arrays[f"L{li}.maps"] = maps.numpy()
         return Result(meta={"layers": names, "max_side": side}, arrays=arrays)
+
+
+def sample_maps(ctx: BuildContext, names: list[str], pixels: np.ndarray, max_side: int) -> dict[str, tuple]:
+    """One image's ``(max, min, maps)`` per layer exactly as the pass keeps them (``pixels`` uint8
+    (H, W, 3)): what the site's size estimate draws an activation picture from."""
+    p = ActivationsPass(ActivationsConfig(max_side=max_side), SamplesConfig())
+    x = normalise(torch.from_numpy(pixels[None]).to(ctx.device), ctx.config.data)
+    with model_guard(ctx.net), torch.inference_mode(), \
+            capture_outputs(ctx.net, names, stop_after_last=True, transform=p.reduce) as store:
+        run_until(ctx.net, x)
+        return {n: tuple(t[0].float().cpu().numpy() for t in store[n]) for n in names}

@@ -56,6 +56,7 @@ from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..crops import GREY, PixelCache, display_box, resize_square
+from ..planning import Fit, PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 PERCENTILE = 99.0
@@ -189,6 +190,49 @@ class AttributionPass(AnalysisPass):
                 "activations": report.to_dict()}
         return Result(meta=meta, arrays=arrays)
 
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """Every top-k unit of every layer: ``channels × min(k, images)`` pairs per layer, in batches.
+        A batch is timed as the pass runs it (``_batch``: forward to the layer, one backward per
+        method, crops) on 1 and on a few real units at up to three layers; the layers between are
+        interpolated by depth.  Decoding is added once per image."""
+        methods = list(self.config.methods)
+        k = min(ctx.config.topk.k, len(ctx.images))
+        names = [l.name for l in ctx.layers]
+        batch = ctx.batch_size(self.config.batch_size)
+        units = {l.name: l.channels * k for l in ctx.layers}
+        fits = self.unit_fits(ctx, probe, batch)
+        world = max(1, ctx.dist.world)
+        seconds = sum(fits[n].batched(u, batch) for n, u in units.items()) / world
+        total = sum(units.values())
+        seconds += min(len(ctx.images), total) * probe.decode_seconds() / world
+        return PassPlan(self.name, seconds, {"units": total, "methods": len(methods), "layers": len(names),
+                                             "batch": batch},
+                        f"{count(total)} units × {len(methods)} method{'s' if len(methods) > 1 else ''}")
+
+    def unit_fits(self, ctx: BuildContext, probe: Probe, batch: int) -> dict[str, Fit]:
+        """Per shown layer, seconds of a batch of n units (one forward to the layer, one backward per
+        method, the crops): ``_batch`` timed at up to three layers, the others interpolated by depth.
+        The sanity checks' pairs are the same computation and read the same fits."""
+        methods = list(self.config.methods)
+        names = [l.name for l in ctx.layers]
+        return probe.per_layer(f"attribution:{','.join(methods)}:{self.config.max_side}", names,
+                               lambda name: probe.fit(f"attribution@{name}", self._prober(ctx, probe, name, methods),
+                                                      cap=batch))
+
+    def _prober(self, ctx: BuildContext, probe: Probe, name: str, methods: list[str]):
+        """``run(m)``: one ``_batch`` of m units of layer ``name`` at seeded random positions of real
+        images (already decoded: decoding is counted apart)."""
+        info = ctx.layer(name)
+        rng = np.random.default_rng(0)
+
+        def run(m: int) -> None:
+            pixels = probe.pixels(min(m, 8))
+            units = [(j % len(pixels), j % info.channels, int(rng.integers(info.shape[1])),
+                      int(rng.integers(info.shape[2]))) for j in range(m)]
+            attribute_units(ctx, name, units, methods, self.config.max_side, lambda i: pixels[int(i)])
+
+        return run
+
     @staticmethod
     def _example(ctx: BuildContext, plans: list[LayerPlan], pixels: PixelCache) -> torch.Tensor | tuple[int, ...]:
         """One preprocessed image the atlas uses (the model's real input), for finding activations;
@@ -225,6 +269,36 @@ class AttributionPass(AnalysisPass):
             crops = crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window)
             for p in range(len(units)):
                 out[m][cs[p], js[p]] = display_crop(crops[p], plan.side)
+
+
+def attribute_units(ctx: BuildContext, name: str, units: list[tuple[int, int, int, int]], methods: list[str],
+                    max_side: int, pixels) -> tuple[LayerPlan, dict[str, np.ndarray]]:
+    """Attributions of ``units`` (image, channel, y, x) of layer ``name`` exactly as the pass computes
+    them (one ``_batch``; ``pixels(i)`` gives image i's pixels): what the estimates time and measure.
+    Returns the units' plan (sorted by image, as the pass sorts) and ``{method: (m, s, s, 3)}``."""
+    info = ctx.layer(name)
+    m = len(units)
+    image, c, y, x = (np.array([u[i] for u in units], dtype=np.int64) for i in range(4))
+    j = np.arange(m, dtype=np.int64)  # each unit its own slot, so none overwrites another
+    order = np.argsort(image, kind="stable")
+    image, c, y, x, j = image[order], c[order], y[order], x[order], j[order]
+    boxes = [display_box(info.rf.box(int(yy), int(xx)), ctx.input_size) for yy, xx in zip(y, x)]
+    first = display_box(info.rf.box(0, 0), ctx.input_size)
+    window = first[2] - first[0]
+    plan = LayerPlan(0, name, info.channels, window, min(window, max_side), c, j, image, y, x,
+                     np.array([b[0] for b in boxes], dtype=np.int64), np.array([b[1] for b in boxes], dtype=np.int64))
+    out = {meth: _Slots() for meth in methods}  # not a (channels, m, ...) array: 2048 channels would be GBs
+    AttributionPass(AttributionConfig(methods=tuple(methods), max_side=max_side))._batch(
+        ctx, plan, slice(0, m), methods, pixels, out)
+    return plan, {meth: np.stack([out[meth][(int(cc), int(jj))] for cc, jj in zip(plan.c, plan.j)])
+                  for meth in methods}
+
+
+class _Slots(dict):
+    """Crops by (channel, slot), written as ``_batch`` writes into the pass's arrays."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__((int(key[0]), int(key[1])), value)
 
 
 def activation_report(result: Result) -> ActivationReport:

@@ -2,7 +2,8 @@
 
 A pass has a ``name``, a ``version``, a config (a frozen dataclass, part of the cache key) and a
 ``run(ctx)`` that returns a :class:`Result`: JSON-able metadata plus NumPy arrays, saved as
-``meta.json`` + ``arrays.npz`` and loaded without pickle.  A new pass fills in ``run``, nothing else.
+``meta.json`` + ``arrays.npz`` and loaded without pickle.  A new pass fills in ``run``, and
+``plan`` (its estimate, see :mod:`sitegen.planning`), nothing else.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..context import BuildContext
+from ..planning import PassPlan, Probe, no_estimate
 
 
 @dataclass
@@ -55,6 +57,14 @@ class AnalysisPass:
 
     def run(self, ctx: BuildContext) -> Result:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """What ``run`` will do and how long it will take on this device, before it runs: the work
+        counted from the config, the images and the layers; the seconds from ``probe`` timing this
+        pass's own batch function on a few real images (:class:`sitegen.planning.Probe`).  Earlier
+        results are not available (``ctx.results`` is empty).  A pass that does not override this is
+        reported as "no estimate", never counted as free."""
+        return no_estimate(self.name)
 
     def cache_key(self, ctx: BuildContext) -> str:
         """Everything the result depends on: weights, image list, layers, preprocessing, config, version."""

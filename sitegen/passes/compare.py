@@ -39,6 +39,7 @@ from ..context import BuildContext
 from ..errors import ModelLoadError, SitegenError
 from ..hooks import get_module
 from ..model_loading import logits as class_scores
+from ..planning import Fit, PassPlan, Probe, count
 from .base import AnalysisPass, Result
 from .featurevis import FeatureVisPass
 from .sampling import labels_match_outputs, output_names, stratified_sample
@@ -47,6 +48,8 @@ from .tsne import NEIGHBOURS, classifier_name, embed
 
 SAME = 1e-9
 """Figures within this of 1 count as unchanged (float rounding of identical inputs)."""
+PROBE_SAMPLE = 512
+"""Images of random maxima the comparison's estimate times the correlation matrix on."""
 
 
 def old_identity(ctx: BuildContext) -> dict[str, Any]:
@@ -281,6 +284,23 @@ class CompareTopKPass(TopKPass):
             "codes": {"layer": self.tsne.layer, "max_points": self.tsne.max_points, "seed": self.tsne.seed},
         })
 
+    def _probe_fit(self, ctx: BuildContext, probe: Probe, names: list[str], batch: int) -> Fit:
+        """This pass's stream timed as it runs: each batch decoded once and fed to both models, whole
+        forwards (the predictions and the codes need the outputs), the tap reading from both."""
+        old_identity(ctx)
+        have = max(1, len(ctx.images))
+        classifier = classifier_name(ctx.net, self.tsne.layer)
+
+        def run(m: int) -> None:
+            ids = sorted(i % have for i in range(m))
+            tap = CompareTap(ctx, names, np.unique(ids), np.unique(ids), classifier)
+            self._stream_nets(ctx, [ctx.net, ctx.compare.model], names, ids, None, None, "probe", tap)
+
+        return probe.fit("topk:both models", run, cap=batch)
+
+    def _probe_words(self, names: list[str]) -> str:
+        return "whole forwards of both models"
+
     def run(self, ctx: BuildContext) -> Result:
         old_identity(ctx)  # a clear error when the old model is missing
         old = ctx.compare
@@ -330,6 +350,11 @@ class OldFeatureVisPass(FeatureVisPass):
 
     def cache_key(self, ctx: BuildContext) -> str:
         return super().cache_key(old_context(ctx))
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """The feature-vis estimate for the old model (the same architecture and settings, no class
+        images): the ascents the probe timed for the new model stand for the old one's."""
+        return super().plan(old_context(ctx), probe)
 
     def run(self, ctx: BuildContext) -> Result:
         return super().run(old_context(ctx))
@@ -436,6 +461,47 @@ class ComparePass(AnalysisPass):
                    "dataset_pass": CompareTopKPass.version, **ctx.identity(), **old_identity(ctx)}
         blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8", "surrogateescape")
         return hashlib.sha256(blob).hexdigest()[:24]
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """Per layer, the correlation matrix of the channels' maxima over the sample (``S × C × C``),
+        the linear assignment on it (about ``C³``) and the top-k overlaps: the first two timed on
+        random maxima of the widest layer (at most PROBE_SAMPLE images, scaled to the sample) and
+        scaled to the other widths; then the codes' shared neighbours (timed on at most 64 points,
+        scaled by n²) and the t-SNE of the old codes (the t-SNE estimate's own measurement)."""
+        from .tsne import PROBE_POINTS, embed_seconds
+
+        names = [l.name for l in ctx.layers]
+        widths = [ctx.layer(n).channels for n in names]
+        sample = len(stratified_sample(ctx.images.labels, self.config.sample, self.config.seed))
+        rng = np.random.default_rng(0)
+        seconds = 0.0
+        if widths and sample:
+            c = max(widths)
+            s = max(2, min(sample, PROBE_SAMPLE))
+            a = rng.standard_normal((s, c)).astype(np.float32)
+            b = (a + rng.standard_normal((s, c)).astype(np.float32)).astype(np.float32)
+            k = max(1, min(self.topk.k, len(ctx.images)))
+            ia, ib = rng.integers(0, len(ctx.images), (c, k)), rng.integers(0, len(ctx.images), (c, k))
+            valid = np.ones((c, k), bool)
+            holder: dict[str, np.ndarray] = {}
+            t_corr = probe.measure(f"compare-corr:{s}x{c}", lambda: holder.update(corr=correlation_matrix(a, b)))
+            corr = holder.get("corr")
+            corr = correlation_matrix(a, b) if corr is None else corr
+            t_match = probe.measure(f"compare-match:{c}", lambda: best_matching(corr))
+            t_overlap = probe.measure(f"compare-overlap:{c}x{k}", lambda: topk_overlap(ia, valid, ib, valid))
+            for w in widths:
+                seconds += t_corr * (sample / s) * (w / c) ** 2 + t_match * (w / c) ** 3 + t_overlap * w / c
+        codes = classifier_name(ctx.net, self.tsne.layer)
+        points = len(stratified_sample(ctx.images.labels, self.tsne.max_points, self.tsne.seed)) if codes else 0
+        if points >= 2:
+            m = min(points, PROBE_POINTS)
+            dims = int(getattr(get_module(ctx.net, codes), "in_features", 0) or 512)
+            x, y = rng.standard_normal((m, dims)), rng.standard_normal((m, dims))
+            seconds += probe.measure(f"compare-neighbours:{m}x{dims}", lambda: shared_neighbours(x, y)) * (points / m) ** 2
+            if ctx.config.tsne.enabled:
+                seconds += embed_seconds(probe, self.tsne, points)
+        return PassPlan(self.name, seconds, {"layers": len(names), "sample": sample, "points": points},
+                        f"{len(names)} layers × {count(sample)} sampled images")
 
     def run(self, ctx: BuildContext) -> Result:
         top = ctx.results["topk"]

@@ -35,6 +35,7 @@ from ..context import BuildContext
 from ..errors import SitegenError
 from ..hooks import get_module, model_guard
 from ..layers import LayerInfo
+from ..planning import PassPlan, Probe
 from .base import AnalysisPass, Result
 
 
@@ -186,3 +187,25 @@ class CorrespondencePass(AnalysisPass):
         meta = {"layers": names, "previous": previous, "k": topk.meta["k"], "images": n,
                 "matches": self.config.matches, "boundaries": boundaries}
         return Result(meta=meta, arrays=arrays)
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """One Jaccard table per pair of consecutive layers (and per stage boundary): timed on random
+        top-k sets of the largest pair's real sizes, scaled to the others by channels × channels."""
+        names = [l.name for l in ctx.layers]
+        n, k = len(ctx.images), self.config.topk.k
+        widths = [ctx.layer(name).channels for name in names]
+        pairs = list(zip(widths[1:], widths[:-1]))
+        pairs += [(last.channels, first.channels) for last, first in stage_boundaries(ctx.all_layers, names)]
+        if not pairs or n == 0:
+            return PassPlan(self.name, 0.0, {"pairs": 0}, "one layer: nothing to compare")
+        rng = np.random.default_rng(0)
+        ca, cb = max(pairs, key=lambda p: p[0] * p[1])
+
+        def one() -> None:
+            a = topk_sets(rng.random((ca, k)), rng.integers(0, n, (ca, k)), n)
+            b = topk_sets(rng.random((cb, k)), rng.integers(0, n, (cb, k)), n)
+            best_matches(*jaccard(a, b), self.config.matches)
+
+        t = probe.time(one)
+        seconds = t * sum(x * y for x, y in pairs) / (ca * cb)
+        return PassPlan(self.name, seconds, {"pairs": len(pairs)}, f"{len(pairs)} pairs of layers")

@@ -36,6 +36,7 @@ noise; ``classes.*`` likewise for the logits; ``colour`` the colour matrix used 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -54,10 +55,17 @@ from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
 from ..images import as_rgb, default_stats, per_channel
 from ..model_loading import logits
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 REDIRECT_FRACTION = 0.25
 """Share of the steps (the first ones) run with redirected ReLU gradients."""
+
+PROBE_STEPS = 4
+"""Steps of the ascents the estimate times (one of them redirected, as a quarter of the real ones)."""
+MEASURE_STEPS = 2 / 3
+"""The objective measured on the start and the final image: two forwards without a backward, about
+two thirds of one step."""
 
 # Lucid's square root of the ImageNet colour covariance (columns: principal colour directions scaled
 # by the square root of their variance), normalised as Lucid does by its largest column norm; used
@@ -371,6 +379,40 @@ class FeatureVisPass(AnalysisPass):
 
     def batch_size(self, ctx: BuildContext) -> int:
         return self.config.batch_size or (256 if ctx.device.type == "cuda" else 64)
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """Per layer, ``channels / batch`` ascents of ``steps`` steps (a forward to the layer and a
+        backward each); per class batch, ascents through the whole model.  An ascent of PROBE_STEPS
+        steps is timed as the pass runs it on 1 and on a few channels at up to three layers (the
+        layers between interpolated by depth) and scaled to the configured steps."""
+        cfg = self.config
+        h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
+        jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
+        a = Ascent(steps=cfg.steps, lr=cfg.lr, jitter=jit, size=(h, w), mean=tuple(ctx.config.data.mean),
+                   std=tuple(ctx.config.data.std), decorrelate=cfg.decorrelate, seed=cfg.seed)
+        quick = dataclasses.replace(a, steps=PROBE_STEPS)
+        factor = (cfg.steps + MEASURE_STEPS) / (PROBE_STEPS + MEASURE_STEPS)
+        bs = self.batch_size(ctx)
+        names = [l.name for l in ctx.layers]
+
+        def measure(name: str):
+            channels = ctx.layer(name).channels
+            return probe.fit(f"featurevis@{name}:{h}x{w}:{cfg.decorrelate}", lambda m: visualise_channels(
+                ctx.net, name, [c % channels for c in range(m)], quick, device=ctx.device), cap=bs)
+
+        fits = probe.per_layer(f"featurevis:{h}x{w}:{cfg.decorrelate}", names, measure)
+        seconds = sum(fits[n].scaled(factor).batched(ctx.layer(n).channels, bs) for n in names)
+        images = sum(ctx.layer(n).channels for n in names)
+        n_classes = logit_count(ctx.net, a, ctx.device)[0] if cfg.classes else 0
+        if n_classes:
+            fit = probe.fit(f"featurevis:classes:{h}x{w}:{cfg.decorrelate}", lambda m: visualise_classes(
+                ctx.net, [c % n_classes for c in range(m)], quick, device=ctx.device), cap=bs)
+            seconds += fit.scaled(factor).batched(n_classes, bs)
+        seconds /= max(1, ctx.dist.world)
+        seconds += min(256, len(ctx.images)) * probe.decode_seconds()  # the colour statistics
+        return PassPlan(self.name, seconds, {"images": images + n_classes, "classes": n_classes,
+                                             "steps": cfg.steps, "batch": bs},
+                        f"{count(images + n_classes)} images × {cfg.steps} steps at {w}×{h} px")
 
     def run(self, ctx: BuildContext) -> Result:
         a = self.ascent(ctx)

@@ -13,6 +13,7 @@ import torch
 from ..config import KernelsConfig
 from ..context import BuildContext
 from ..hooks import get_module
+from ..planning import PassPlan, Probe
 from .base import AnalysisPass, Result
 
 
@@ -48,3 +49,10 @@ class KernelsPass(AnalysisPass):
             arrays["first.weight"] = w
             meta["first_groups"] = g
         return Result(meta=meta, arrays=arrays)
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """Copying weights, no images: timed by copying them (the pass's whole work, milliseconds)."""
+        convs = [l.name for l in ctx.layers
+                 if l.kind == "conv" and isinstance(get_module(ctx.net, l.name), torch.nn.Conv2d)]
+        seconds = probe.time(lambda: [conv_weights(ctx.net, name) for name in convs])
+        return PassPlan(self.name, seconds, {"layers": len(convs)}, f"{len(convs)} convolutions' weights")

@@ -32,6 +32,7 @@ from ..distributed import broadcast_from_main, gather_to_main
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
 from ..model_loading import logits
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, Result
 from .sampling import key_with, labels_match_outputs, output_names, sample_images
 
@@ -142,6 +143,40 @@ class OcclusionPass(AnalysisPass):
                 return self._measure(ctx, geo, layer, ids, x, failed, hook)
         finally:
             handle.remove()
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """``samples × positions`` occluded copies, each a whole forward: a batch of copies is timed as
+        the pass runs it (occlude, forward with the channel hook, softmax) on 1 and on a few; plus
+        the unoccluded forwards and the decoding of the samples.  Bad settings fail here, before
+        any work."""
+        geo = geometry(ctx.input_size, self.config.size, self.config.stride)
+        layer = self.layer_name(ctx)
+        samples = len(sample_images(ctx.images, self.samples))
+        batch = self.config.batch_size or default_batch(ctx)
+        copies = samples * len(geo.boxes)
+        boxes = torch.as_tensor(geo.boxes, device=ctx.device)
+
+        def run(m: int) -> None:
+            x = probe.inputs(min(m, 8))
+            hook = ChannelTotal()
+            hook.channels = torch.zeros(m, dtype=torch.int64, device=ctx.device)
+            handle = get_module(ctx.net, layer).register_forward_hook(hook)
+            try:
+                with model_guard(ctx.net), torch.inference_mode():
+                    jobs = torch.arange(m, device=ctx.device)
+                    out = logits(ctx.net(occlude(x[jobs % len(x)], boxes[jobs % len(boxes)]))).float().softmax(1)
+                    out.gather(1, torch.zeros((m, 1), dtype=torch.int64, device=out.device)).cpu()
+                    out.argmax(1).cpu()
+            finally:
+                handle.remove()
+
+        fit = probe.fit("occlusion", run, cap=batch)
+        world = max(1, ctx.dist.world)
+        seconds = fit.batched(copies, batch) / world + probe.forward(None).batched(samples, batch) \
+            + samples * probe.decode_seconds()
+        return PassPlan(self.name, seconds, {"images": samples, "positions": len(geo.boxes), "copies": copies,
+                                             "batch": batch},
+                        f"{count(samples)} images × {geo.rows}×{geo.cols} positions")
 
     def _measure(self, ctx, geo: Geometry, layer: str, ids: list[int], x: torch.Tensor, failed: list[int],
                  hook: ChannelTotal) -> Result:

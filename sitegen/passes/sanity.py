@@ -70,6 +70,7 @@ from ..distributed import all_reduce, gather_to_main
 from ..errors import SitegenError
 from ..hooks import StopForward, get_module, model_guard, run_until
 from ..images import load_pixels, normalise
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 CHECKS = ("own", "cascade", "images", "edge")
@@ -413,6 +414,81 @@ class SanityPass(AnalysisPass):
             h.update(json.dumps([attr.meta.get(k) for k in ("layers", "methods", "windows", "sides", "percentile")],
                                 default=str).encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:24]
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """Per layer, ``U = min(sanity.units, channels)`` sampled units (every channel counted as
+        firing) and ``U · (1 + images)`` (image, unit) pairs through the trained model, ``U`` through
+        each re-initialised copy.  A pair is one forward to the layer and one backward per method, the
+        attribution pass's batch: its fits (timed at up to three layers, the others interpolated by
+        depth) are shared with the attribution estimate.  Beside them, each unit's comparisons
+        (Spearman of the window, SSIM of the display crop, per method and check; a Sobel map of its
+        image) timed on arrays of the smallest and the largest window, interpolated by area; the
+        two model copies and their re-initialisation timed once; the structural proofs timed at the
+        deepest layer and scaled to the others by depth."""
+        from .attribution import AttributionPass
+
+        cfg, acfg = self.config, ctx.config.attribution
+        methods = list(acfg.methods)
+        names = [l.name for l in ctx.layers]
+        if not names or not len(ctx.images):
+            return PassPlan(self.name, 0.0, {"units": 0}, "no layer or image to check")
+        others = min(cfg.images, max(0, len(ctx.images) - 1))
+        batch = ctx.batch_size(cfg.batch_size)
+        fits = AttributionPass(acfg).unit_fits(ctx, probe, ctx.batch_size(acfg.batch_size))
+        h, w = ctx.input_size
+        shape = (3, h, w)
+
+        def window(name: str) -> tuple[int, int]:
+            """(pixels of the window inside the image, side of the display crop) of a layer's units."""
+            x0, y0, x1, y1 = display_box(ctx.layer(name).rf.box(0, 0), ctx.input_size)
+            side = x1 - x0
+            return min(side, h) * min(side, w), min(side, acfg.max_side)
+
+        rng = np.random.default_rng(0)
+        sizes = {name: window(name) for name in names}
+        small, large = min(sizes.values()), max(sizes.values())
+
+        def compare_seconds(area: int, side: int) -> float:
+            a, b = rng.random(area), rng.random(area)
+            c, d = rng.random((side, side)) * 255, rng.random((side, side)) * 255
+            return probe.measure(f"sanity-compare:{area}:{side}", lambda: (spearman(a, b), ssim(c, d)))
+
+        t_small, t_large = compare_seconds(*small), compare_seconds(*large)
+
+        def per_comparison(area: int) -> float:
+            if large[0] == small[0]:
+                return t_large
+            return t_small + (t_large - t_small) * (area - small[0]) / (large[0] - small[0])
+
+        pixels = probe.pixels(1)[0]
+        t_sobel = probe.measure(f"sanity-sobel:{h}x{w}", lambda: sobel_magnitude(pixels))
+        seconds, units, pairs = 0.0, 0, 0
+        for name in names:
+            u = min(cfg.units, ctx.layer(name).channels)
+            own = bool(Randomiser.own_modules(ctx.net, name))
+            seconds += fits[name].batched(u * (1 + others), batch) + (1 + own) * fits[name].batched(u, batch)
+            seconds += u * (len(methods) * (2 + own + others) * per_comparison(sizes[name][0]) + t_sobel)
+            units += u
+            pairs += u * (1 + others + 1 + own)
+
+        def copies() -> None:
+            rand = Randomiser(ctx.net, names, shape, cfg.seed)
+            try:
+                if rand.available:
+                    rand.cascade(names[-1])
+            finally:
+                rand.close()
+
+        seconds += probe.measure(f"sanity-copies:{','.join(names)}", copies)
+        deepest = max(names, key=probe.depth)
+        t_proof = probe.measure(f"sanity-proof@{deepest}", lambda: image_independent(ctx.net, deepest, methods[0], shape))
+        seconds += t_proof * len(methods) * sum(probe.depth(n) for n in names) / probe.depth(deepest)
+        seconds /= max(1, ctx.dist.world)
+        seconds += min(len(ctx.images), pairs) * probe.decode_seconds() / max(1, ctx.dist.world)
+        return PassPlan(self.name, seconds, {"units": units, "pairs": pairs, "methods": len(methods),
+                                             "layers": len(names), "batch": batch},
+                        f"{count(units)} units × {1 + others} images + 2 re-initialised copies, "
+                        f"{len(methods)} method{'s' if len(methods) > 1 else ''}")
 
     def run(self, ctx: BuildContext) -> Result:
         topk, attr = ctx.results.get("topk"), ctx.results.get("attribution")

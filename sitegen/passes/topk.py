@@ -21,6 +21,7 @@ from .. import progress
 from ..config import TopKConfig
 from ..context import BuildContext
 from ..hooks import StopForward, get_module, model_guard, run_until
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, Result
 
 WINDOW_IMAGES = 1024
@@ -218,6 +219,33 @@ class TopKPass(AnalysisPass):
         result.meta["precision"] = {"used": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
                                     "requested": self.config.precision, "agreement": agreement}
         return result
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """One forward over every image (this rank's share), timed as the pass runs it: ``_stream``
+        on 1 and on a few real images (decoding, hooks and reductions included)."""
+        names = [l.name for l in ctx.layers]
+        n = len(ctx.dist.shard(len(ctx.images)))
+        batch = ctx.batch_size(self.config.batch_size)
+        fit = self._probe_fit(ctx, probe, names, batch)
+        seconds = fit.batched(n, batch)
+        detail = f"{count(n)} images, {self._probe_words(names)}"
+        if self.config.precision != "fp32":  # the check streams a sample twice first, with one model
+            sample = min(n, self.config.precision_sample)
+            seconds += 2 * TopKPass._probe_fit(self, ctx, probe, names, batch).batched(sample, batch)
+            detail += f" (+ {self.config.precision} check on {count(sample)}; timed in fp32)"
+        return PassPlan(self.name, seconds, {"images": n, "layers": len(names), "batch": batch}, detail)
+
+    def _probe_fit(self, ctx: BuildContext, probe: Probe, names: list[str], batch: int):
+        """``_stream`` timed on 1 and on a few real images (the probe's sizes)."""
+        have = max(1, len(ctx.images))
+
+        def run(m: int) -> None:
+            self._stream(ctx, names, sorted(i % have for i in range(m)), None, label="probe")
+
+        return probe.fit("topk", run, cap=batch)
+
+    def _probe_words(self, names: list[str]) -> str:
+        return f"forward to {names[-1]}"
 
     def _stream(self, ctx: BuildContext, names: list[str], indices: list[int], dtype: torch.dtype | None,
                 ckpt: "Checkpoint | None" = None, label: str = "dataset pass"):

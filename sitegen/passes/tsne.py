@@ -26,10 +26,15 @@ from ..context import BuildContext
 from ..errors import ConfigError, LayerError
 from ..hooks import get_module, model_guard
 from ..model_loading import logits as class_scores
+from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, Result
 from .sampling import labels_match_outputs, output_names, stratified_sample
 
 NEIGHBOURS = 10
+PROBE_POINTS = 64
+"""Points the estimate embeds (with the configured iterations) to time t-SNE on this machine."""
+PROBE_GRID = 256
+"""Points the estimate snaps to a grid to time the assignment (cubic in the points)."""
 FFT_FROM = 5000
 """openTSNE uses its FFT gradient from this many points on (bench/tsne_bench.py)."""
 TOP = 5
@@ -77,6 +82,20 @@ def grid_assignment(xy: np.ndarray) -> tuple[int, np.ndarray]:
     out = np.empty(n, dtype=np.int64)
     out[rows] = cells
     return side, out
+
+
+def embed_seconds(probe: Probe, cfg: TsneConfig, n: int) -> float:
+    """Estimated seconds of :func:`embed` on ``n`` points: timed on at most PROBE_POINTS random points
+    of the PCA's dimension with the configured iterations (scikit-learn stops early once the
+    embedding settles, which a run of fewer iterations would not show), scaled by n·log n.  Timed
+    once per probe: the comparison's t-SNE of the old codes shares the measurement."""
+    if n < 5:
+        return 0.0
+    m = min(n, PROBE_POINTS)
+    x = np.random.default_rng(0).standard_normal((m, min(cfg.pca_dims, n)))
+    t = probe.measure(f"tsne-embed:{m}x{x.shape[1]}:{cfg.method}:{cfg.iterations}:{cfg.perplexity}",
+                      lambda: embed(x, cfg))
+    return t * ((n * math.log(n)) / (m * math.log(m)) if n > m else 1.0)
 
 
 def embed(x: np.ndarray, cfg: TsneConfig) -> tuple[np.ndarray, float]:
@@ -165,6 +184,35 @@ class TsnePass(AnalysisPass):
             "grid_points": in_grid.astype(np.int64), "grid_cells": cells,
         }
         return Result(meta=meta, arrays=arrays)
+
+    def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
+        """The codes (a whole forward per embedded image), then PCA, t-SNE and the image grid.  t-SNE is
+        timed on random points of the same dimension (at most PROBE_POINTS of them, the configured
+        iterations: scikit-learn stops early once the embedding settles, which a run of fewer
+        iterations would not show) and scaled by n·log n; the neighbour agreement by n²; the grid's
+        assignment on PROBE_GRID points, scaled by the cube of the points."""
+        layer = classifier_name(ctx.net, self.config.layer)
+        if layer is None:
+            return PassPlan(self.name, 0.0, note="skipped: the model has no nn.Linear classifier")
+        n = len(stratified_sample(ctx.images.labels, self.config.max_points, self.config.seed))
+        seconds = probe.forward(None).batched(n, ctx.batch_size(0)) + n * probe.decode_seconds()
+        work = {"images": n, "iterations": self.config.iterations}
+        if n < 5:
+            return PassPlan(self.name, seconds, work, f"{count(n)} codes (too few for t-SNE)")
+        rng = np.random.default_rng(0)
+        m = min(n, PROBE_POINTS)
+        seconds += embed_seconds(probe, self.config, n)
+        dims = int(getattr(get_module(ctx.net, layer), "in_features", 0) or 512)
+        codes = rng.standard_normal((m, dims))
+        classes = rng.integers(0, 10, m)
+        t_nn = probe.time(lambda: neighbour_agreement(codes, classes))
+        seconds += t_nn * (n / m) ** 2  # brute-force neighbours in the code space
+        g = min(self.config.grid_max, n)
+        gm = min(g, PROBE_GRID)
+        t_grid = probe.time(lambda: grid_assignment(rng.standard_normal((gm, 2))))
+        seconds += t_grid * (g / gm) ** 3
+        return PassPlan(self.name, seconds, work,
+                        f"{count(n)} codes, t-SNE {self.config.iterations} iterations")
 
     def _codes(self, ctx: BuildContext, layer: str, indices: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
         """Codes (inputs of ``layer``) and logits of the decodable images among ``indices``."""

@@ -83,6 +83,10 @@ class RenderOptions:
     title: str
     patch_size: int
     image_format: str = "png"
+    left_out: list[dict[str, Any]] = field(default_factory=list)
+    """What the size budget left out (group, what, restore), listed on the index page."""
+    build: dict[str, Any] | None = None
+    """The build's plan beside what it measured: ``data/atlas.json``'s ``build`` record."""
 
 
 def relative_root(path: str) -> str:

@@ -23,14 +23,20 @@ def sprite(rows: list[list[np.ndarray]], size: int, columns: int) -> np.ndarray:
     return sheet
 
 
-def save_image(arr: np.ndarray, path: Path, fmt: str = "png") -> int:
-    """Write an image; returns its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def encode(arr: np.ndarray, fmt: str = "png") -> bytes:
+    """The file's bytes as :func:`save_image` writes them (the size estimate encodes samples with it)."""
     buf = io.BytesIO()
     img = Image.fromarray(arr)
     if fmt == "webp":
         img.save(buf, "WEBP", quality=90, method=4)
     else:
         img.save(buf, "PNG", optimize=False, compress_level=6)
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    return buf.getvalue()
+
+
+def save_image(arr: np.ndarray, path: Path, fmt: str = "png") -> int:
+    """Write an image; returns its size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = encode(arr, fmt)
+    path.write_bytes(data)
+    return len(data)

@@ -187,6 +187,7 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
         "dull": dull_rows, "dull_ratio": ctx.config.site.dull_ratio,
         "views": nav, "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
+        "left_out": list(opts.left_out),
         "partials": [v.index_partial for v in views if v.index_partial],
         "extras": {v.name: v.index_context(ctx, atlas, results) for v in views if v.index_partial},
     }, title=opts.title))
@@ -361,5 +362,7 @@ def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: Rende
     for l in public["layers"]:
         for ch in l["channels"]:
             ch["top"] = [{k: v for k, v in e.items() if k != "index"} for e in ch["top"]]
+    if opts.build is not None:
+        public["build"] = opts.build
     (out / "data" / "atlas.json").write_text(safe_json(public), encoding="utf-8")
     return atlas

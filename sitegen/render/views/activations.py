@@ -17,12 +17,28 @@ import numpy as np
 from ..colormap import upscale, viridis
 from ..pages import Page, layer_url
 from .base import View
-from .image_files import activations_url, display_factor, image_url, picture_url, save_png, usable
+from ...planning import SiteItem
+from .image_files import activations_url, display_factor, image_url, png_bytes, picture_url, save_png, usable
 
 GAP = 2
 DEAD_FRAME = np.array([200, 30, 30], dtype=np.uint8)
 LISTED = 48
 """Never-active channels named on a page per layer (the rest counted)."""
+SIZE_LAYERS = 4
+"""Layers whose activation picture is drawn (from one real sample image) and encoded for the size
+estimate; the others are estimated from their picture's area at the measured bytes per pixel."""
+HTML = {"page": 2394, "layer": 596, "index": 1874, "item": 213}
+"""Bytes of an activation page (base + per layer) and of activations/index.html (base + per image)."""
+
+
+def grid_size(shape: tuple[int, int, int], max_side: int) -> tuple[int, int]:
+    """(height, width) in pixels of :func:`map_grid`'s picture of a layer's maps of ``shape``."""
+    c, h, w = shape
+    h, w = min(h, max_side), min(w, max_side)
+    columns = max(1, math.ceil(math.sqrt(c)))
+    rows = math.ceil(c / columns)
+    scale = max(1, round(48 / max(h, w)))
+    return rows * (h * scale + GAP) + GAP, columns * (w * scale + GAP) + GAP
 
 
 def picture_path(n: int, li: int) -> str:
@@ -57,6 +73,52 @@ class ActivationsView(View):
 
     def nav(self) -> list[tuple[str, str]]:
         return [("activations/index.html", "Activation maps")]
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """Per sample image a page and, per layer, a picture of its maps: bytes per pixel measured on
+        the pictures of up to SIZE_LAYERS layers drawn from one real sample image (the maps kept as
+        the pass keeps them), interpolated between them; the pictures' areas are exact."""
+        from ...passes.activations import sample_maps
+        from ...passes.sampling import sample_images
+        from ..sizing import texts
+
+        cfg = ctx.config
+        if not cfg.activations.enabled or not ctx.layers:
+            return []
+        ids = sample_images(ctx.images, cfg.samples)
+        if not ids:
+            return []
+        side = cfg.activations.max_side
+        names = [l.name for l in ctx.layers]
+        picks = sorted(set(np.round(np.linspace(0, len(names) - 1, min(SIZE_LAYERS, len(names)))).astype(int).tolist()))
+
+        def measure() -> dict[int, float]:
+            maps = sample_maps(ctx, [names[i] for i in picks], sizes.pixels(ids[0]), side)
+            out = {}
+            for i in picks:
+                mx, _mn, m = maps[names[i]]
+                picture, _ = map_grid(m, float(max(mx.max(), 0.0)), mx <= 0)
+                out[i] = len(png_bytes(picture)) / (picture.shape[0] * picture.shape[1])
+            return out
+
+        per_px = sizes.memo(f"activations:{','.join(names[i] for i in picks)}:{side}", measure)
+        t = texts(ctx, sizes)
+        s = len(ids)
+        items = []
+        for j, l in enumerate(ctx.layers):
+            lo = max((i for i in per_px if i <= j), default=min(per_px))
+            hi = min((i for i in per_px if i >= j), default=max(per_px))
+            w = 0.0 if hi == lo else (j - lo) / (hi - lo)
+            bpp = (1 - w) * per_px[lo] + w * per_px[hi]
+            gh, gw = grid_size(l.shape, side)
+            items.append(SiteItem("activations", "activation pictures", s, s * (100 + bpp * gh * gw), l.name,
+                                  example=picture_path(ids[-1], j)))
+            items.append(SiteItem("activations", "activation pages", 0, s * (HTML["layer"] + 4 * len(l.name)), l.name))
+        colour_bar = not (cfg.occlusion.enabled)  # otherwise the occlusion view counts the shared file
+        items.append(SiteItem("activations", "activation pages", s + 1 + colour_bar, s * (HTML["page"] + 4 * t.rel)
+                              + HTML["index"] + s * (HTML["item"] + 2 * t.rel + t.label) + 300 * colour_bar,
+                              example=activations_url(ctx.images.records[ids[-1]].rel)))
+        return items
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
 

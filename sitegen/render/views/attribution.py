@@ -17,25 +17,36 @@ sprite rows (``registered()`` in ``views/__init__.py``).
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...layers import LayerInfo
-from ...passes.attribution import activation_report, unit_crops
+from ...crops import crop_box
+from ...passes.attribution import activation_report, attribute_units, unit_crops
+from ...planning import SiteItem
 from ..pages import Page, RenderOptions, channel_url, layer_url, slug, sprite_url
+from ..patches import encode, sprite
+from ..sizing import row0_bytes, sample_units, texts
 from .base import View
+from ..stages import Stage, find_stages
 from .sanity import figures_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...context import BuildContext
     from ...passes.base import Result
+    from ...planning import SizeSamples
 
 FIRST_ROW = 1
 """Sprite row of the first method (row 0 holds the patches)."""
+
+SIZE_UNITS = 9
+"""Units attributed per measured layer for the size estimate (the sprite rows' bytes per cell)."""
+SIZE_LAYERS = 3
+"""Layers (spread over the selection) whose attribution rows are measured; the others interpolated."""
+HTML = {"channel": 1930, "channel_cell": 430, "stage": 3304, "stage_column": 190, "stage_cell": 310,
+        "stages": 2104, "stages_stage": 200, "stages_link": 40}
+"""Bytes of the attribution section of a channel page, of a stage page and of stages/index.html
+(``base`` + per item), measured on real atlases; names are added apart."""
 
 LABELS = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
 NOTES = {
@@ -63,69 +74,6 @@ def normalisation_note(percentile: float, window: int | None = None, side: int |
     if window and side and side < window:
         text += f" Windows of {window} px are stored shrunk to {side} px (box filter)."
     return text
-
-
-@dataclass
-class Stage:
-    """The blocks of one residual stage that share a width, in order."""
-
-    stage: str
-    caffe: str
-    width: int
-    blocks: list[LayerInfo]
-    branches: dict[str, str]
-    """Block name -> its branch layer's name, when that layer is selected and of the same width."""
-    branch_caffe: dict[str, str]
-    left_out: list[LayerInfo] = field(default_factory=list)
-    """Blocks of the stage with another width (their channel c is a different feature map)."""
-
-    @property
-    def slug(self) -> str:
-
-        return slug(self.stage)
-
-
-def _caffe_stage(caffe: str) -> str:
-    m = re.match(r"res\d+", caffe)
-    return m.group(0) if m else ""
-
-
-def find_stages(ctx: "BuildContext", selected: list[str]) -> list[Stage]:
-    """Residual stages among the selected layers: blocks grouped by stage, of the stage's width.
-
-    A stage's width is the most common channel count of its selected blocks (ties: the last
-    block's, the stage's output width); only blocks of that width are compared.
-    """
-    chosen = set(selected)
-    infos = [ctx.layer(n) for n in selected]
-    stages: dict[str, list[LayerInfo]] = {}
-    for info in infos:
-        if info.kind == "block" and info.stage:
-            stages.setdefault(info.stage, []).append(info)
-    out = []
-    for stage, blocks in stages.items():
-        counts = Counter(b.channels for b in blocks)
-        best = max(counts.values())
-        width = next(b.channels for b in reversed(blocks) if counts[b.channels] == best)
-        same = [b for b in blocks if b.channels == width]
-        branches, branch_caffe = {}, {}
-        for b in same:
-            if b.branch and b.branch in chosen and ctx.layer(b.branch).channels == width:
-                branches[b.name] = b.branch
-                branch_caffe[b.name] = _branch_caffe(ctx, b)
-        out.append(Stage(stage, _caffe_stage(same[0].caffe), width, same, branches, branch_caffe,
-                         [b for b in blocks if b.channels != width]))
-    return out
-
-
-def _branch_caffe(ctx: "BuildContext", block: LayerInfo) -> str:
-    """Caffe name of the block's last branch convolution: ``res4c_branch2b`` for a basic block's
-    second convolution, ``..._branch2c`` for a bottleneck's third."""
-    convs = [l for l in ctx.all_layers if l.kind == "conv" and l.name.startswith(block.name + ".")
-             and "downsample" not in l.name and "shortcut" not in l.name]
-    if not block.caffe or not convs or len(convs) > 26:
-        return ""
-    return f"{block.caffe}_branch2{'abcdefghijklmnopqrstuvwxyz'[len(convs) - 1]}"
 
 
 def unruled_kinds(r: "Result", layers: list[str]) -> list[str]:
@@ -258,3 +206,81 @@ class AttributionView(View):
                 "normalisation": normalisation_note(r.meta["percentile"], *(max(shrunk) if shrunk else (None, None))),
                 "prev": f"{c - 1}.html" if c > 0 else None,
                 "next": f"{c + 1}.html" if c + 1 < s.width else None}
+
+    # -------------------------------------------------------------- size estimate
+
+    def estimate(self, ctx: "BuildContext", sizes: "SizeSamples") -> list[SiteItem]:
+        """Per layer, one sprite row per method (bytes measured: real attributions of a few units of
+        up to SIZE_LAYERS layers drawn as the sprite draws them, relative to their patches' row,
+        interpolated between the measured layers) and the channel pages' attribution section; the
+        stage pages (a column per block and branch layer, split among them so leaving a layer out
+        removes its share)."""
+        cfg = ctx.config
+        if not cfg.attribution.enabled or not ctx.layers:
+            return []
+        methods = list(cfg.attribution.methods)
+        k = min(cfg.topk.k, max(1, len(ctx.images)))
+        t = texts(ctx, sizes)
+        ratios = self._row_ratios(ctx, sizes, methods)
+        items: list[SiteItem] = []
+        for l in ctx.layers:
+            row0 = row0_bytes(ctx, sizes, l)
+            for m in methods:
+                items.append(SiteItem("attribution", "sprites", 0, l.channels * ratios[l.name][m] * row0,
+                                      l.name, tag=f"attribution:{m}"))
+            cell = HTML["channel_cell"] + 2 * len(slug(l.name)) + 3 * t.name + t.rel + t.label
+            items.append(SiteItem("attribution", "channel pages", 0, l.channels * (HTML["channel"] + k * cell), l.name,
+                                  tag="attribution"))
+        stages = find_stages(ctx, [l.name for l in ctx.layers])
+        for s in stages:
+            page = f"stages/{s.slug}/{s.width - 1}.html"
+            cell = HTML["stage_cell"] + t.rel + t.label + 2 * t.name
+            for i, b in enumerate(s.blocks):
+                col = s.width * (HTML["stage_column"] + 4 * len(b.name) + k * (cell + 2 * len(slug(b.name))))
+                base = s.width * (HTML["stage"] + HTML["stages_link"]) + HTML["stages_stage"] if i == 0 else 0
+                items.append(SiteItem("attribution", "stage pages", s.width if i == 0 else 0, col + base, b.name,
+                                      tag="attribution", example=page))
+                if b.name in s.branches:
+                    br = s.branches[b.name]
+                    items.append(SiteItem("attribution", "stage pages", 0, s.width * (
+                        HTML["stage_column"] + 4 * len(br) + k * (cell + 2 * len(slug(br)))), br, tag="attribution"))
+        items.append(SiteItem("attribution", "stages index", 1, HTML["stages"], tag="attribution",
+                              example="stages/index.html"))
+        return items
+
+    def _row_ratios(self, ctx: "BuildContext", sizes: "SizeSamples", methods: list[str]) -> dict[str, dict[str, float]]:
+        """Per layer and method: bytes of the method's sprite row over the bytes of the patches' row."""
+        names = [l.name for l in ctx.layers]
+        picks = sorted(set(np.round(np.linspace(0, len(names) - 1, min(SIZE_LAYERS, len(names)))).astype(int)))
+        measured = {int(i): self._measure_row(ctx, sizes, names[int(i)], methods) for i in picks}
+        out = {}
+        for j, name in enumerate(names):
+            lo = max((i for i in measured if i <= j), default=min(measured))
+            hi = min((i for i in measured if i >= j), default=max(measured))
+            w = 0.0 if hi == lo else (j - lo) / (hi - lo)
+            out[name] = {m: (1 - w) * measured[lo][m] + w * measured[hi][m] for m in methods}
+        return out
+
+    def _measure_row(self, ctx: "BuildContext", sizes: "SizeSamples", name: str, methods: list[str]) -> dict[str, float]:
+        cfg = ctx.config
+
+        def measure() -> dict[str, float]:
+            units = sample_units(ctx, sizes, ctx.layer(name), SIZE_UNITS, seed=1)
+            if not units:
+                return {m: 0.0 for m in methods}
+            plan, crops = attribute_units(ctx, name, units, methods, cfg.attribution.max_side, sizes.pixels)
+            w = plan.window
+            patches = [crop_box(sizes.pixels(int(i)), (int(x), int(y), int(x) + w, int(y) + w))
+                       for i, x, y in zip(plan.image, plan.x0, plan.y0)]
+            rows = [patches]
+            n = len(patches)
+            sizes_so_far = [len(encode(sprite(rows, cfg.site.patch_size, n), cfg.site.image_format))]
+            for m in methods:
+                rows.append(list(crops[m]))
+                sizes_so_far.append(len(encode(sprite(rows, cfg.site.patch_size, n), cfg.site.image_format)))
+            base = max(1, sizes_so_far[0])
+            return {m: max(0.0, (sizes_so_far[i + 1] - sizes_so_far[i]) / base) for i, m in enumerate(methods)}
+
+        key = f"attribution-rows:{name}:{','.join(methods)}:{cfg.attribution.max_side}:{cfg.site.patch_size}:" \
+              f"{cfg.site.image_format}"
+        return sizes.memo(key, measure)

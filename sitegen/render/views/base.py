@@ -11,6 +11,7 @@ from ..pages import Page, RenderOptions
 if TYPE_CHECKING:  # pragma: no cover
     from ...context import BuildContext
     from ...passes.base import Result
+    from ...planning import SiteItem, SizeSamples
 
 
 class View:
@@ -51,3 +52,11 @@ class View:
 
     def draw(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path, opts: "RenderOptions") -> None:
         pass
+
+    def estimate(self, ctx: "BuildContext", sizes: "SizeSamples") -> list["SiteItem"] | None:
+        """The files this view will write for ``ctx`` (config, selected layers, images), estimated
+        before any pass runs: a list of :class:`~sitegen.planning.SiteItem` (empty when the view
+        will not be shown).  Pictures are measured by drawing a few with the view's own code from
+        ``sizes`` (real images); see :mod:`sitegen.render.estimate`.  A view that does not override
+        this is reported as having no estimate, never counted as zero bytes."""
+        return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from ...crops import PixelCache, crop_box, display_box
 from ...images import shown
+from ...planning import SiteItem
 from ...passes.topk import channel_top
 from ..colormap import categories
 from ..pages import TILES_PER_PAGE, Page, channel_url, layer_url, slug
@@ -36,6 +37,22 @@ from .tsne import layout
 
 CHANGES = "changes.html"
 CHANGES_TSNE = "changes-tsne.html"
+
+SIZES = {
+    # a channel page's section: its frame, per old top-k cell, the old feature visualisation
+    "section": 900, "cell": 325, "featurevis": 360,
+    # a layer page's section; a page of tiles sorted by change and each tile
+    "layer": 1000, "by_change": 2015, "tile": 472,
+    # changes.html: the page, per layer (its row and its most-changed list), per listed channel,
+    # per class, per listed image; changes-tsne.html and each of its dots (two per point)
+    "changes": 4950, "changes_layer": 305, "changes_channel": 70, "changes_class": 85, "changes_image": 280,
+    "changes_tsne": 3780, "dot": 60,
+    # data/atlas.json's compare section: fixed, per class, per changed image, per layer, per channel
+    # and per old top-k entry
+    "json": 700, "json_class": 130, "json_changed": 130, "json_layer": 240, "json_channel": 257, "json_entry": 56,
+}
+"""Bytes of the comparison's pages and data (``base`` + per item), measured on comparison atlases;
+names (layers, images, classes, the old checkpoint's file name) are added apart."""
 
 
 def old_sprite_url(layer: str, c: int, fmt: str) -> str:
@@ -347,6 +364,71 @@ class CompareView(View):
         return {"old": meta["old"], "same_file": meta["same_file"], "nothing_changed": meta["nothing_changed"],
                 "sample": meta["sample"], "ranking": meta["ranking"], "layers": layers,
                 "predictions": p, "codes": codes}
+
+    # -------------------------------------------------------------- size estimate
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """Per layer: the old model's sprites (one row of top-k patches a channel, each the bytes of
+        the new model's row: the same kind of windows of the same images), its feature-vis images
+        (tagged ``featurevis``: the size budget draws them smaller with the new model's), the
+        channel pages' and the layer page's sections, the tiles sorted by change and the layer's
+        share of data/atlas.json; then changes.html and changes-tsne.html.  The images whose
+        prediction changed are counted from the share that changed on the size sample (both models
+        run on it).  Not counted: the permutation list of a layer whose channels were reordered (about
+        45 bytes a moved channel; a fine-tuned checkpoint keeps the order)."""
+        from ...passes.sampling import stratified_sample
+        from ...passes.tsne import classifier_name
+        from ..sizing import changed_share, row0_bytes, texts
+        from .featurevis import image_bytes
+
+        cfg = ctx.config
+        if not cfg.compare.checkpoint or ctx.compare is None or not ctx.layers:
+            return []
+        fmt = cfg.site.image_format
+        k = min(cfg.topk.k, max(1, len(ctx.images)))
+        t = texts(ctx, sizes)
+        old = len(ctx.compare.path.name.encode("utf-8", "surrogateescape"))
+        fv = cfg.featurevis.enabled
+        if fv:
+            h, w = (cfg.featurevis.image_size,) * 2 if cfg.featurevis.image_size else ctx.input_size
+            png = image_bytes(h, w)
+        items: list[SiteItem] = []
+        changes = 0.0
+        for l in ctx.layers:
+            c, name, s = l.channels, len(l.name.encode("utf-8", "surrogateescape")), len(slug(l.name))
+            items.append(SiteItem("compare", "old sprites", c, c * row0_bytes(ctx, sizes, l), l.name,
+                                  example=old_sprite_url(l.name, c - 1, fmt)))
+            if fv:
+                items.append(SiteItem("compare", "old feature-vis images", c, c * png, l.name, tag="featurevis",
+                                      example=old_featurevis_url(l.name, c - 1)))
+            cell = SIZES["cell"] + 2 * t.name + t.rel + t.label + s
+            section = SIZES["section"] + old + k * cell + (SIZES["featurevis"] + s if fv else 0)
+            items.append(SiteItem("compare", "channel pages", 0, c * section, l.name))
+            pages = max(1, -(-c // TILES_PER_PAGE))
+            items.append(SiteItem("compare", "layer pages", 0, pages * (SIZES["layer"] + old), l.name))
+            items.append(SiteItem("compare", "by-change pages", pages, pages * (SIZES["by_change"] + 5 * name + old)
+                                  + c * (SIZES["tile"] + 3 * name), l.name, example=by_change_url(l.name, pages)))
+            entry = SIZES["json_entry"] + t.rel
+            items.append(SiteItem("compare", "data/atlas.json", 0, SIZES["json_layer"] + 2 * name
+                                  + c * (SIZES["json_channel"] + k * entry), l.name))
+            listed = min(cfg.compare.channels, c)
+            items.append(SiteItem("compare", "changes pages", 0, SIZES["changes_layer"] + 4 * name
+                                  + listed * (SIZES["changes_channel"] + s), l.name))
+        classes = sum(len(n.encode("utf-8", "surrogateescape")) for n in ctx.images.classes)
+        changed = changed_share(ctx, sizes) * len(ctx.images)
+        shown = min(changed, cfg.compare.changed_images)
+        changes = SIZES["changes"] + 3 * old + len(ctx.images.classes) * SIZES["changes_class"] + classes \
+            + shown * (SIZES["changes_image"] + 3 * t.rel + 2 * t.name + 3 * t.label)
+        items.append(SiteItem("compare", "changes pages", 1, changes, example=CHANGES))
+        items.append(SiteItem("compare", "data/atlas.json", 0, SIZES["json"] + 2 * classes
+                              + len(ctx.images.classes) * SIZES["json_class"]
+                              + changed * (SIZES["json_changed"] + t.rel + 3 * t.label)))
+        if classifier_name(ctx.net, cfg.tsne.layer) is not None:
+            points = len(stratified_sample(ctx.images.labels, cfg.tsne.max_points, cfg.tsne.seed))
+            dots = 2 * points * (SIZES["dot"] + t.rel + 2 * t.label) if cfg.tsne.enabled and points >= 5 else 0
+            items.append(SiteItem("compare", "changes pages", 1, SIZES["changes_tsne"] + 2 * old + dots,
+                                  example=CHANGES_TSNE))
+        return items
 
     # -------------------------------------------------------------- pictures
 

@@ -7,8 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from ...planning import SiteItem
 from ..pages import Page, channel_url, layer_url
 from .base import View
+
+HTML = {"channel": 700, "match": 100, "page": 3124, "pair": 170, "boundary": 900, "row": 420}
+"""Bytes of the correspondence section of a channel page (base + per listed match) and of
+correspondence.html (base + per layer pair, per stage boundary and per row of its table), measured
+on real atlases."""
 
 
 def chance_shared(k: int, n: int) -> float:
@@ -66,6 +72,25 @@ class CorrespondenceView(View):
             "continues": carried >= 0 and float(a[f"B{j}.carried_overlap"][c]) > 0
             and float(a[f"B{j}.carried_overlap"][c]) >= float(a[f"B{j}.best_overlap"][c]),
         }
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """The channel pages' section (each channel lists up to ``matches`` channels of the previous
+        layer) and correspondence.html (a row per channel of each stage boundary's first layer)."""
+        from ...passes.correspondence import CorrespondenceConfig, stage_boundaries
+
+        matches = CorrespondenceConfig().matches
+        names = [l.name for l in ctx.layers]
+        items = []
+        for i, l in enumerate(ctx.layers):
+            if i:  # the first layer has no previous one: its pages have no section
+                per = HTML["channel"] + matches * (HTML["match"] + 2 * len(names[i - 1]))
+                items.append(SiteItem("correspondence", "channel pages", 0, l.channels * per, l.name))
+            items.append(SiteItem("correspondence", "correspondence.html", 0, HTML["pair"] + 2 * len(l.name), l.name))
+        for last, first in stage_boundaries(ctx.all_layers, names):
+            items.append(SiteItem("correspondence", "correspondence.html", 0,
+                                  HTML["boundary"] + last.channels * (HTML["row"] + 4 * len(first.name)), last.name))
+        items.append(SiteItem("correspondence", "correspondence.html", 1, HTML["page"], example="correspondence.html"))
+        return items
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
 

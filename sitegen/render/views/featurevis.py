@@ -14,9 +14,21 @@ from typing import Any
 
 import numpy as np
 
+from ...planning import SiteItem
 from ..pages import Page, channel_url, layer_url, slug
 from ..patches import save_image
 from .base import View
+
+PNG_BYTES_PER_PIXEL = 2.0
+"""Bytes per pixel of an optimised image's PNG (measured: 2.3-2.6 kB at 32 px and 7.3-10 kB at 64 px on
+a trained ResNet-56, docs/size.md; the ascent's images are noise-like at the pixel level, so PNG's
+size follows their area)."""
+PNG_BASE = 100
+"""Bytes of a PNG's header and chunks."""
+HTML = {"channel": 810, "tile": 170, "atlas": 70, "summary": 2424, "summary_layer": 230,
+        "classes": 1874, "class": 210}
+"""Bytes a channel adds to its channel page, layer tile and atlas.json entry, and of featurevis.html
+and classes/index.html (``base`` + per row), measured on real atlases."""
 
 CLASS_DIR = "img/featurevis-classes"
 """Layer folders are named after module names, which as Python attributes cannot contain a dash."""
@@ -116,6 +128,32 @@ class FeatureVisView(View):
             "named": bool(n) and names == list(ctx.images.classes),
         }, title=f"Class visualisations · {opts.title}", crumbs=[("index.html", "atlas")])
 
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """One PNG per channel (and per class) of the optimised size, by its area
+        (PNG_BYTES_PER_PIXEL); each tagged ``featurevis`` so the size budget can draw them smaller."""
+        cfg = ctx.config.featurevis
+        if not cfg.enabled:
+            return []
+        h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
+        png = image_bytes(h, w)
+        items = []
+        for l in ctx.layers:
+            c = l.channels
+            items.append(SiteItem("featurevis", "feature-vis images", c, c * png, l.name, tag="featurevis",
+                                  example=channel_image_url(l.name, c - 1)))
+            items.append(SiteItem("featurevis", "channel pages", 0, c * HTML["channel"], l.name))
+            items.append(SiteItem("featurevis", "layer pages", 0, c * (HTML["tile"] + 2 * len(l.name)), l.name))
+            items.append(SiteItem("featurevis", "data/atlas.json", 0, c * (HTML["atlas"] + len(l.name)), l.name))
+        n = 0
+        if cfg.classes:
+            n = sizes.memo(f"logits:{h}x{w}", lambda: logit_count_at(ctx, (h, w)))
+        items.append(SiteItem("featurevis", "class images", n, n * png, tag="featurevis",
+                              example=class_image_url(max(0, n - 1))))
+        items.append(SiteItem("featurevis", "feature-vis pages", 2, HTML["summary"] + HTML["classes"]
+                              + HTML["summary_layer"] * len(ctx.layers) + HTML["class"] * n,
+                              example="classes/index.html"))
+        return items
+
     def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
         r = results["featurevis"]
         for layer in atlas["layers"]:
@@ -126,6 +164,11 @@ class FeatureVisView(View):
                 save_image(np.ascontiguousarray(img), out / channel_image_url(layer["name"], c), "png")
         for k, img in enumerate(r.arrays.get("classes.images", np.zeros((0, 1, 1, 3), np.uint8))):
             save_image(np.ascontiguousarray(img), out / class_image_url(k), "png")
+
+
+def image_bytes(h: int, w: int) -> float:
+    """Estimated bytes of one optimised image's PNG at h×w px."""
+    return PNG_BASE + PNG_BYTES_PER_PIXEL * h * w
 
 
 def _annotate(layer: dict, objective: np.ndarray) -> None:
@@ -143,3 +186,11 @@ def _annotate(layer: dict, objective: np.ndarray) -> None:
 def _settings(meta: dict) -> dict[str, Any]:
     keys = ("steps", "lr", "jitter", "size", "decorrelate", "seed", "redirect_steps")
     return {k: meta[k] for k in keys if k in meta}
+
+
+def logit_count_at(ctx, size: tuple[int, int]) -> int:
+    """How many class images the pass will optimise at ``size`` (0 when the model cannot run there)."""
+    from ...passes.featurevis import Ascent, logit_count
+
+    a = Ascent(steps=1, lr=0.05, jitter=0, size=size, mean=tuple(ctx.config.data.mean), std=tuple(ctx.config.data.std))
+    return logit_count(ctx.net, a, ctx.device)[0]

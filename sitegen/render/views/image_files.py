@@ -70,21 +70,31 @@ def display_factor(input_size: tuple[int, int]) -> int:
     return max(1, math.ceil(DISPLAY / max(1, input_size[1])))
 
 
+def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", compress_level=6)
+    return buf.getvalue()
+
+
 def save_jpeg(arr: np.ndarray, path: Path, quality: int = 90) -> int:
     """Photographs as JPEG: a few thousand image pages stay small (PNG would be ~5× larger)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    data = jpeg_bytes(arr, quality)
+    path.write_bytes(data)
+    return len(data)
 
 
 def save_png(arr: np.ndarray, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG", compress_level=6)
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    data = png_bytes(arr)
+    path.write_bytes(data)
+    return len(data)
 
 
 def safe_pixels(ctx, n: int) -> np.ndarray:

@@ -11,12 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ...planning import SiteItem
 from ..pages import Page, layer_url
 from .activations import activations_url
 from .base import View
 from .compare import changed_predictions, image_compare_context
 from .compare import usable as compare_usable
-from .image_files import display_factor, image_url, picture_url, safe_pixels, save_jpeg, top_list, usable
+from .image_files import (display_factor, image_url, jpeg_bytes, picture_url, safe_pixels, save_jpeg, top_list,
+                          usable)
+
+SIZE_IMAGES = 4
+"""Images encoded as the pages show them (JPEG) for the size estimate."""
+HTML = {"page": 2374, "occlusion": 1300, "tsne": 100}
+"""Bytes of an image page (base), and what its occlusion and t-SNE sections add, measured."""
 from .occlusion import occlusion_context
 
 class ImagePagesView(View):
@@ -24,6 +33,36 @@ class ImagePagesView(View):
 
     def available(self, results: dict) -> bool:
         return any(usable(results, n) for n in ("occlusion", "activations", "tsne")) or compare_usable(results)
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """A page and a JPEG per image the whole-model views show (the occlusion and activation
+        samples and the t-SNE points, each once): the JPEG's bytes measured on a few real images."""
+        from ...passes.sampling import sample_images, stratified_sample
+        from ...passes.tsne import classifier_name
+        from ..sizing import texts
+
+        cfg = ctx.config
+        samples = set(sample_images(ctx.images, cfg.samples)) \
+            if cfg.occlusion.enabled or cfg.activations.enabled else set()
+        points: set[int] = set()
+        if cfg.tsne.enabled and classifier_name(ctx.net, cfg.tsne.layer) is not None:
+            picked = stratified_sample(ctx.images.labels, cfg.tsne.max_points, cfg.tsne.seed)
+            points = set(picked.tolist()) if len(picked) >= 5 else set()
+        ids = samples | points
+        if not ids:
+            return []
+
+        def measure() -> float:
+            return float(np.mean([len(jpeg_bytes(sizes.pixels(i))) for i in sizes.image_ids(SIZE_IMAGES)]))
+
+        jpeg = sizes.memo("image-jpeg", measure)
+        t = texts(ctx, sizes)
+        occluded = len(samples) if cfg.occlusion.enabled else 0
+        html = len(ids) * (HTML["page"] + 4 * t.rel + t.label) + occluded * HTML["occlusion"] \
+            + len(points) * HTML["tsne"]
+        last = ctx.images.records[max(ids)].rel
+        return [SiteItem("image_pages", "image pages", len(ids), html, example=image_url(last)),
+                SiteItem("image_pages", "image pictures", len(ids), len(ids) * jpeg, example=picture_url(last))]
 
     def image_ids(self, results: dict, images) -> list[int]:
         ids: set[int] = set()

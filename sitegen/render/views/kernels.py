@@ -20,13 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ...planning import SiteItem
 from ..colormap import greybar, upscale
 from ..pages import Page, layer_url, slug
 from .base import View
-from .image_files import save_png
+from .image_files import png_bytes, save_png
 
 GAP = 1
 """Pixels of white between kernels (grids) and filters (mosaic)."""
+SIZE_LAYERS = 3
+"""Convolutions whose first kernel grid is drawn and encoded for the size estimate."""
+HTML = {"index": 2974, "index_layer": 170, "page": 2474, "row": 120, "picture": 120}
+"""Bytes of kernels/index.html (base + per layer) and of a layer's page (base + per filter row and per
+picture), measured on real atlases."""
 
 
 def signed_unit(w: np.ndarray, peak: float) -> np.ndarray:
@@ -94,6 +100,72 @@ class KernelsView(View):
 
     def nav(self) -> list[tuple[str, str]]:
         return [("kernels/index.html", "Kernels")]
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """The first convolution's two mosaics and the grey bar (drawn exactly); per selected
+        convolution its pages and grids, bytes per pixel measured on the first grid of up to
+        SIZE_LAYERS of them (real weights), the grids' areas exact."""
+        import torch
+
+        from ...hooks import get_module
+        from ...passes.kernels import conv_weights
+
+        cfg = ctx.config.kernels
+        if not cfg.enabled:
+            return []
+        is_conv = lambda l: l.kind == "conv" and isinstance(get_module(ctx.net, l.name), torch.nn.Conv2d)  # noqa: E731
+        convs = [l.name for l in ctx.layers if is_conv(l)]
+        first = next((l.name for l in ctx.all_layers if is_conv(l)), None)
+        block = cfg.block
+        items = []
+
+        def fixed() -> tuple[int, float]:
+            files, size = 1, float(len(png_bytes(greybar())))
+            if first is not None:
+                w = conv_weights(ctx.net, first)[0]
+                if w.shape[1] == 3:
+                    columns = math.ceil(math.sqrt(len(w)))
+                    scale = max(1, 48 // max(w.shape[2], w.shape[3]))
+                    for each in (True, False):
+                        size += len(png_bytes(mosaic(rgb_tiles(w, each=each), columns, scale, 2)))
+                        files += 1
+            return files, size
+
+        files, size = sizes.memo("kernels:first", fixed)
+        items.append(SiteItem("kernels", "kernel pictures", files, size, example="img/kernels/first-shared.png"))
+        items.append(SiteItem("kernels", "kernel pages", 1, HTML["index"] + HTML["index_layer"] * len(convs),
+                              example="kernels/index.html"))
+        if not convs:
+            return items
+        picks = sorted(set(np.round(np.linspace(0, len(convs) - 1, min(SIZE_LAYERS, len(convs)))).astype(int).tolist()))
+
+        def measure() -> dict[int, float]:
+            out = {}
+            for i in picks:
+                w = conv_weights(ctx.net, convs[i])[0]
+                part = w[:block, :block]
+                grid = grey_grid(part, float(np.abs(w).max()), tile_scale(max(w.shape[2], w.shape[3])))
+                out[i] = len(png_bytes(grid)) / (grid.shape[0] * grid.shape[1])
+            return out
+
+        per_px = sizes.memo(f"kernels:{','.join(convs[i] for i in picks)}:{block}", measure)
+        for j, name in enumerate(convs):
+            lo = max((i for i in per_px if i <= j), default=min(per_px))
+            hi = min((i for i in per_px if i >= j), default=max(per_px))
+            wgt = 0.0 if hi == lo else (j - lo) / (hi - lo)
+            bpp = (1 - wgt) * per_px[lo] + wgt * per_px[hi]
+            shape = get_module(ctx.net, name).weight.shape
+            f, c, kh, kw = (int(v) for v in shape)
+            scale = tile_scale(max(kh, kw))
+            n_pages, n_cols = kernel_pages_of((f, c), block)
+            # every picture: (rows of filters) × (columns of input channels) kernels, GAP apart
+            area = ((f * (kh * scale + GAP)) + n_pages * GAP) * ((c * (kw * scale + GAP)) + n_cols * GAP)
+            items.append(SiteItem("kernels", "kernel pictures", n_pages * n_cols, bpp * area + 100 * n_pages * n_cols, name,
+                                  example=f"img/kernels/{slug(name)}/{n_pages - 1}-{n_cols - 1}.png"))
+            items.append(SiteItem("kernels", "kernel pages", n_pages, n_pages * (HTML["page"] + 4 * len(name))
+                                  + f * HTML["row"] + n_pages * n_cols * HTML["picture"], name,
+                                  example=f"kernels/{slug(name)}/{n_pages - 1}.html"))
+        return items
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
 

@@ -15,9 +15,15 @@ import numpy as np
 from ..colormap import categories, colorbar, hex_to_rgb, overlay, scale, upscale, viridis
 from ..pages import Page, layer_url
 from .base import View
-from .image_files import display_factor, image_url, map_urls, safe_pixels, save_png, top_list, usable
+from ...planning import SiteItem
+from .image_files import (display_factor, image_url, map_urls, png_bytes, safe_pixels, save_png, top_list,
+                          usable)
 
 COLORBAR = "img/colorbar.png"
+SIZE_SAMPLES = 2
+"""Sample images whose three overlays are drawn and encoded for the size estimate."""
+HTML = {"index": 2534, "item": 325}
+"""Bytes of occlusion/index.html: base + per gallery item (names added apart), measured."""
 
 
 def class_legend(best: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
@@ -74,6 +80,39 @@ class OcclusionView(View):
         }
         return [Page("occlusion/index.html", "occlusion.html", context, title=f"Occlusion sensitivity · {opts.title}",
                      crumbs=[("index.html", "atlas")])]
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """Three overlays per sample image (drawn as ``draw`` draws them, from real sample images
+        and random coarse maps, encoded), the colour bar and the gallery page."""
+        from ...passes.occlusion import geometry
+        from ...passes.sampling import sample_images
+        from ..sizing import texts
+
+        cfg = ctx.config
+        if not cfg.occlusion.enabled:
+            return []
+        ids = sample_images(ctx.images, cfg.samples)
+        if not ids:
+            return []
+        geo = geometry(ctx.input_size, cfg.occlusion.size, cfg.occlusion.stride)
+        factor = display_factor(ctx.input_size)
+
+        def measure() -> float:
+            rng = np.random.default_rng(0)
+            out = []
+            for n in ids[:SIZE_SAMPLES]:
+                pixels = sizes.pixels(n)
+                for heat in (viridis(rng.random((geo.rows, geo.cols))),
+                             viridis(scale(rng.random((geo.rows, geo.cols)), 0.0, 1.0)),
+                             rng.integers(0, 256, (geo.rows, geo.cols, 3), dtype=np.uint8)):
+                    out.append(len(png_bytes(upscale(overlay(pixels, heat, geo.stride), factor))))
+            return float(np.mean(out))
+
+        each = sizes.memo(f"occlusion:{geo.stride}:{factor}", measure)
+        t = texts(ctx, sizes)
+        return [SiteItem("occlusion", "occlusion overlays", 3 * len(ids), 3 * len(ids) * each, example=map_urls(ids[-1])["total"]),
+                SiteItem("occlusion", "occlusion page", 2, HTML["index"] + 300
+                         + len(ids) * (HTML["item"] + 2 * t.rel + t.label), example="occlusion/index.html")]
 
     def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
         r = results["occlusion"]

@@ -15,12 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from ...passes.sanity import IMAGES_HIGH, WEIGHTS_HIGH, layer_figures
+from ...planning import SiteItem
 from ..pages import Page, layer_url, sanity_url
 from .base import View
 
 CHART_DIR = "img/sanity"
 METHOD_LABELS = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
 """The attribution view's names of the methods (tests/render/test_sanity_view.py keeps them equal)."""
+
+LINES = {"head": 330, "line": 290}
+"""Bytes of a layer's figure lines on a page (``_sanity_lines.html``): the opening sentence (plus the
+layer's name) and one line per method (plus its label and the anchor of its row); a verdict's
+wording makes a line 250 to 330 bytes, measured."""
+JSON = {"layer": 130, "method": 580, "settings": 200}
+"""Bytes of a layer's ``sanity`` entry in data/atlas.json (per layer, per method with its proof
+text) and of the top-level settings, measured."""
+PAGE = {"page": 4750, "method": 1240, "row": 272}
+"""Bytes of sanity.html: the page, each method's section (its summary and the chart's alt text),
+each table row (plus three layer names and two method names), measured."""
+SVG = {"base": 2000, "layer": 264, "label": 140}
+"""Bytes of a chart: axes and legend, per layer its four points, per shown layer name its label."""
 
 SERIES = (  # key in the figures, legend text, colour, dash pattern
     ("weights_cascade", "weights up to the layer re-initialised", "#d1495b", ""),
@@ -86,6 +100,57 @@ class SanityView(View):
                    "thresholds": {"weights": WEIGHTS_HIGH, "images": IMAGES_HIGH}, "layers": len(rows)}
         return [Page(sanity_url(), "sanity.html", context, title=f"Can I trust these pictures? · {opts.title}",
                      crumbs=[("index.html", "atlas")])]
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """The sanity page and one chart per method, and the figures this view puts elsewhere: a
+        layer's lines on each of its channel pages, layer pages and the stage pages of the stage it
+        ends, and its entry in data/atlas.json.  Text whose size follows the structure (constants
+        measured on real atlases; the verdicts' wording varies by a few tens of bytes a line).  A
+        method's lines, rows and chart carry its attribution tag, so they go with its sprite row;
+        the rest goes when attribution is off (the checks need it)."""
+        from ..pages import TILES_PER_PAGE, slug
+        from ..stages import find_stages
+
+        cfg = ctx.config
+        if not (cfg.attribution.enabled and cfg.sanity.enabled and ctx.layers):
+            return []
+        methods = list(cfg.attribution.methods)
+        n = len(ctx.layers)
+        items: list[SiteItem] = []
+
+        def head(name: str) -> float:
+            return LINES["head"] + len(name.encode("utf-8", "surrogateescape"))
+
+        def line(name: str, m: str) -> float:
+            return LINES["line"] + len(METHOD_LABELS.get(m, m)) + len(m) + len(slug(name))
+
+        for l in ctx.layers:
+            name = len(l.name.encode("utf-8", "surrogateescape"))
+            pages = {"channel pages": l.channels, "layer pages": max(1, -(-l.channels // TILES_PER_PAGE))}
+            for what, count in pages.items():
+                items.append(SiteItem("sanity", what, 0, count * head(l.name), l.name, tag="attribution"))
+            items.append(SiteItem("sanity", "data/atlas.json", 0, JSON["layer"] + name, l.name, tag="attribution"))
+            for m in methods:
+                for what, count in pages.items():
+                    items.append(SiteItem("sanity", what, 0, count * line(l.name, m), l.name, tag=f"attribution:{m}"))
+                items.append(SiteItem("sanity", "data/atlas.json", 0, JSON["method"] + len(METHOD_LABELS.get(m, m))
+                                      + len(m) + len(slug(l.name)), l.name, tag=f"attribution:{m}"))
+                items.append(SiteItem("sanity", "sanity page", 0, PAGE["row"] + 3 * name + 2 * len(m), l.name,
+                                      tag=f"attribution:{m}"))
+                label = SVG["label"] + name if n <= 9 else (SVG["label"] + name) * 9 / n  # at most ~9 names
+                items.append(SiteItem("sanity", "sanity charts", 0, SVG["layer"] + label, l.name, tag=f"attribution:{m}"))
+        for stage in find_stages(ctx, [l.name for l in ctx.layers]):
+            last = stage.blocks[-1].name  # a stage page shows the figures of its last block
+            items.append(SiteItem("sanity", "stage pages", 0, stage.width * head(last), last, tag="attribution"))
+            for m in methods:
+                items.append(SiteItem("sanity", "stage pages", 0, stage.width * line(last, m), last,
+                                      tag=f"attribution:{m}"))
+        items.append(SiteItem("sanity", "sanity page", 1, PAGE["page"], tag="attribution", example=sanity_url()))
+        items.append(SiteItem("sanity", "data/atlas.json", 0, JSON["settings"] + 13 * len(methods), tag="attribution"))
+        for m in methods:
+            items.append(SiteItem("sanity", "sanity page", 0, PAGE["method"], tag=f"attribution:{m}"))
+            items.append(SiteItem("sanity", "sanity charts", 1, SVG["base"], tag=f"attribution:{m}", example=chart_url(m)))
+        return items
 
     def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
         rows = self._rows(atlas, results)

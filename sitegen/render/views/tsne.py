@@ -14,15 +14,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ...planning import SiteItem
 from ..colormap import categories
 from ..pages import Page
 from .base import View
-from .image_files import image_url, safe_pixels, save_jpeg, usable
+from .image_files import image_url, jpeg_bytes, safe_pixels, save_jpeg, usable
 
 VIEW_W, VIEW_H, MARGIN = 1000, 760, 12
 SPRITE = "img/tsne/thumbs.jpg"
 GRID = "img/tsne/grid.jpg"
 SPRITE_COLUMNS = 50
+HTML = {"scatter": 2974, "point": 211, "grid": 3074, "cell": 22, "empty": 10}
+"""Bytes of tsne/index.html (base + per point) and tsne/grid.html (base + per filled / empty cell),
+measured on real atlases; names are added apart."""
 
 
 def thumb_size(input_size: tuple[int, int]) -> int:
@@ -66,6 +70,37 @@ class TsneView(View):
 
     def nav(self) -> list[tuple[str, str]]:
         return [("tsne/index.html", "t-SNE of codes"), ("tsne/grid.html", "t-SNE image grid")]
+
+    def estimate(self, ctx, sizes) -> list[SiteItem]:
+        """The scatter page (a link per point), the grid page and their two JPEGs: bytes per pixel
+        of a thumbnail sheet drawn from real images, times the pictures' exact areas (the grid's
+        empty cells, white, count as nothing)."""
+        from ...passes.sampling import stratified_sample
+        from ...passes.tsne import classifier_name
+        from ..sizing import texts
+
+        cfg = ctx.config.tsne
+        if not cfg.enabled or classifier_name(ctx.net, cfg.layer) is None:
+            return []
+        n = len(stratified_sample(ctx.images.labels, cfg.max_points, cfg.seed))
+        if n < 5:
+            return []
+        g = min(cfg.grid_max, n)
+        side = max(1, math.ceil(math.sqrt(g)))
+        thumb, cell = thumb_size(ctx.input_size), grid_cell(ctx.input_size)
+
+        def measure() -> float:
+            ids = sizes.image_ids(SPRITE_COLUMNS)
+            sheet = np.concatenate([thumbnail(sizes.pixels(i), thumb) for i in ids], axis=1)
+            return len(jpeg_bytes(sheet)) / (sheet.shape[0] * sheet.shape[1])
+
+        per_px = sizes.memo(f"tsne-thumbs:{thumb}", measure)
+        t = texts(ctx, sizes)
+        html = HTML["scatter"] + n * (HTML["point"] + t.rel + t.label) + HTML["grid"] \
+            + g * (HTML["cell"] + t.rel + t.label) + (side * side - g) * HTML["empty"]
+        pictures = per_px * (n * thumb * thumb + g * cell * cell) + 1200
+        return [SiteItem("tsne", "t-SNE pages", 2, html, example="tsne/index.html"),
+                SiteItem("tsne", "t-SNE pictures", 2, pictures, example=SPRITE)]
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
 
