@@ -131,7 +131,8 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     staged = staging_dir(out)
     try:
         render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size,
-                                                   image_format=cfg.site.image_format))
+                                                   image_format=cfg.site.image_format,
+                                                   workers=cfg.site.render_workers))
         publish(staged, out)
     except BaseException:
         discard(staged)

@@ -61,6 +61,7 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (starts torchrun with N ranks)."),
+    render_workers: Optional[int] = typer.Option(None, "--render-workers", help="Processes drawing pictures and writing pages (0 = every core)."),
 ) -> None:
     """Build the atlas of MODEL over the images in --images."""
     from . import distributed
@@ -80,6 +81,7 @@ def build(
         data={"resize": resize, "crop": crop, "mean": _floats3(mean, "--mean"), "std": _floats3(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
+        site={"render_workers": render_workers},
         layers=layers or [],
     )
     cache = None if no_cache else (cache_dir or default_cache_dir())

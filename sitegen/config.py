@@ -149,8 +149,12 @@ class SiteConfig:
     dull_ratio: float = 0.05
     """A channel is dull when the std of its spatial means over the images is below this fraction of
     its layer's median std (and it is not dead): it barely varies, whatever the image."""
+    render_workers: int = 0
+    """Processes that draw the pictures and write the pages; 0 uses every core.  The site is the same
+    byte for byte whatever the count."""
 
     def validate(self, key: str) -> None:
+        _check(self.render_workers >= 0, f"{key}.render_workers", "must be ≥ 0 (0 uses every core)")
         _check(8 <= self.patch_size <= 512, f"{key}.patch_size", "must be between 8 and 512")
         _check(self.image_format in ("webp", "png"), f"{key}.image_format", 'must be "webp" or "png"')
         _check(0 <= self.dull_ratio < 1, f"{key}.dull_ratio", "must be ≥ 0 and < 1 (0 marks no channel dull)")

@@ -83,6 +83,8 @@ class RenderOptions:
     title: str
     patch_size: int
     image_format: str = "png"
+    workers: int = 0
+    """Processes drawing pictures and writing pages (``site.render_workers``); 0 uses every core."""
 
 
 def relative_root(path: str) -> str:
