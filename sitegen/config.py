@@ -91,8 +91,8 @@ class AttributionConfig:
     methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
     """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
     batch_size: int = 0
-    """(image, unit) pairs per forward+backward; 0 picks one from the model's memory use and the free
-    memory (at most 64 on the CPU, 256 on a GPU)."""
+    """Distinct images per forward (each image's units of the layer all go back from it); 0 picks one
+    from the model's memory use and the free memory (at most 64 on the CPU, 256 on a GPU)."""
     max_side: int = 64
     """Stored attribution crops are at most this many pixels wide (larger windows are shrunk)."""
 
