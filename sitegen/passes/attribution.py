@@ -9,11 +9,13 @@ Speed
 All (image, unit) pairs of one layer are grouped by image (an image is often among the top-k of
 several channels of a layer) and cut into batches of ``batch_size`` distinct images.  Each batch is
 one forward of its images, stopped right after the layer, kept for the backward passes: per method,
-one backward per round of at most one unit per image (``attribute_methods`` with ``rows``: the rule
-is chosen as each backward runs).  So every image's forward serves all its units in the layer, and
-the work is one forward per distinct image plus one backward per unit and method, against a
-forward *and* a backward per unit before.  Images with the most units come first, so a batch's
-images have about as many units each and its rounds leave few rows idle.  Under torchrun the
+one backward per round of one unit per image (``attribute_methods`` with ``rows``: the rule is
+chosen as each backward runs).  So every image's forward serves all its units in the layer, and the
+work is one forward per distinct image plus one backward per unit and method, against a forward
+*and* a backward per unit before.  A batch's images all have the same number of units, so no
+round's backward runs rows without a unit.  How much this saves depends on how often an image is
+among the top-k of several channels of a layer: on the shared ResNet-56 over the 10,000 CIFAR-10
+test images, 27,360 units need 23,674 forwards (13 % fewer), the multiply-accumulates 3.6 % fewer.  Under torchrun the
 batches are shared out among the ranks and rank 0 gathers the crops.  Each image is decoded once
 per layer at most (a byte-bounded pixel cache keeps it across the layer's batches and, when it
 fits, across layers).  A forward cannot be shared between layers: the layer's output is where each
@@ -85,9 +87,19 @@ class LayerPlan:
         return len(self.c)
 
     def batches(self, images: int) -> list[slice]:
-        """Consecutive runs of pairs covering at most ``images`` distinct images, each image whole."""
-        starts = np.flatnonzero(np.r_[True, self.image[1:] != self.image[:-1]]) if len(self) else np.zeros(0, int)
-        edges = [int(e) for e in starts[::images]] + [len(self)]
+        """Consecutive runs of pairs covering at most ``images`` distinct images, each image whole,
+        and all of a run's images with the same number of units: its backward rounds (one unit per
+        image each) then leave no row idle."""
+        if not len(self):
+            return []
+        starts = np.flatnonzero(np.r_[True, self.image[1:] != self.image[:-1]])
+        units = np.diff(np.r_[starts, len(self)])
+        edges, first = [0], 0
+        for i in range(1, len(starts)):
+            if units[i] != units[first] or i - first == images:
+                edges.append(int(starts[i]))
+                first = i
+        edges.append(len(self))
         return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
@@ -98,9 +110,8 @@ def plan_layer(ctx: BuildContext, topk: Result, li: int, max_side: int) -> Layer
     valid = np.isfinite(a[f"L{li}.values"])  # fewer usable images than k leaves -inf slots
     c, j = np.nonzero(valid)
     image, y, x = (a[f"L{li}.{key}"][c, j].astype(np.int64) for key in ("images", "y", "x"))
-    # Grouped by image (an image's units share its forward), images with the most units first: a
-    # batch then holds images with about as many units each, and its backward rounds (one unit per
-    # image each) leave few rows idle.
+    # Grouped by image (an image's units share its forward), images with the most units first, so
+    # images with as many units as each other are neighbours and share batches (LayerPlan.batches).
     _, inverse, counts = np.unique(image, return_inverse=True, return_counts=True)
     order = np.lexsort((np.arange(len(image)), image, -counts[inverse]))
     c, j, image, y, x = c[order], j[order], image[order], y[order], x[order]
