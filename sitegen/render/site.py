@@ -330,10 +330,11 @@ def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: Rende
     def extra_rows(li: int, c: int, boxes: list) -> list[list[np.ndarray]]:
         return [row for v in views for row in v.sprite_rows(ctx, atlas, results, li, c, boxes)]
 
-    # Every picture (sprites first: the longest list), then every page, each on opts.workers
-    # processes; the jobs are listed before the workers start, so they inherit all they read.
-    drawing = sprite_jobs(ctx, atlas, out, opts, extra_rows)
-    drawing += [job for v in views for job in v.draw_jobs(ctx, atlas, results, out, opts)]
+    # Every picture, then every page, each on opts.workers processes; the jobs are listed before
+    # the workers start, so they inherit all they read.  The views' jobs (fewer, larger) go first,
+    # so the many small sprite jobs even out the workers' loads at the end.
+    drawing = [job for v in views for job in v.draw_jobs(ctx, atlas, results, out, opts)]
+    drawing += sprite_jobs(ctx, atlas, out, opts, extra_rows)
     workers.run(drawing, opts.workers, "drawing pictures", "pictures")
     workers.run(page_jobs(pages, out, opts.title), opts.workers, "writing pages", "pages")
     write_search_index(out, atlas, pages, opts.title)

@@ -1,10 +1,10 @@
 """Render jobs on every core: a pool of forked processes, or of threads where fork is unavailable.
 
-A job is a zero-argument callable that writes its own files (no two jobs write the same file) and
-returns a small number.  The jobs are listed before the pool starts; where the platform can
-``fork``, the workers inherit the list and everything its closures reference (the atlas, the pass
-results, the compiled templates), so nothing is pickled on the way in and only the numbers come
-back.  A job writes the same bytes in a worker as in one process, so the site is byte-identical
+A job is a zero-argument callable that writes its own files (two jobs may write the same file only
+with the same bytes, like the colour bar two views show) and returns nothing the caller needs.  The
+jobs are listed before the pool starts; where the platform can ``fork``, the workers inherit the
+list and everything its closures reference (the atlas, the pass results, the compiled templates),
+so nothing is pickled on the way in and only the numbers come back.  A job writes the same bytes in a worker as in one process, so the site is byte-identical
 whatever the worker count (tests/render/test_parallel.py builds it both ways and compares).
 
 Without ``fork`` (Windows; macOS, where Python starts processes with spawn because forking a
@@ -47,9 +47,10 @@ def can_fork() -> bool:
 
 
 def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous index ranges: about 8 per worker (the load evens out as they finish), at most 64
-    jobs each (the progress bar keeps moving), at least 1."""
-    size = max(1, min(64, n // (workers * 8) or 1))
+    """Contiguous index ranges of at most 8 jobs, at least 16 per worker where there are enough
+    jobs: small enough for the loads to even out (jobs differ in size), large enough that handing
+    them out costs nothing beside drawing them (well under 1 ms a chunk, 5-50 ms a job)."""
+    size = max(1, min(8, n // (workers * 16)))
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 

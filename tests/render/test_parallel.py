@@ -75,6 +75,7 @@ def test_worker_counts():
     assert workers.resolve(0) == workers.available_cores() >= 1
     assert workers.resolve(3) == 3
     chunks = workers._chunks(1000, 2)
-    assert chunks[0] == (0, 62) and chunks[-1][1] == 1000
+    assert chunks[0] == (0, 8) and chunks[-1][1] == 1000
+    assert workers._chunks(100, 2)[0] == (0, 3)
     assert sum(hi - lo for lo, hi in chunks) == 1000
     assert workers._chunks(5, 4) == [(i, i + 1) for i in range(5)]

@@ -45,7 +45,8 @@ class View:
     def draw_jobs(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path,
                   opts: "RenderOptions") -> list[Callable[[], Any]]:
         """The view's drawing as independent jobs, which the renderer runs on several processes at
-        once: each writes files no other job (of this view or another) writes.  The default is one
+        once: each writes files no other job (of this view or another) writes, or writes them with
+        the same bytes (the colour bar the occlusion and activation views share).  The default is one
         job, :meth:`draw`; a view with many pictures overrides this (and not ``draw``) to split them."""
         if type(self).draw is View.draw:
             return []
