@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import config as config_mod
 from . import progress
 from .config import Config
-from .context import BuildContext
+from .context import BuildContext, default_device
 from .images import discover as discover_images
 from .images import probe_input
 from .layers import LayerInfo, ReceptiveField
@@ -70,9 +72,15 @@ def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: 
 
 
 def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
-            cache_dir: Path | None) -> BuildContext:
-    """Everything a pass needs, with every input checked before any output is written."""
+            cache_dir: Path | None, device: torch.device | None = None) -> BuildContext:
+    """Everything a pass needs, with every input checked before any output is written.
+
+    ``device`` None picks the GPU when PyTorch sees one (``context.default_device``).  The model
+    (loaded here, sitegen's own copy) moves there before anything runs on it: every pass sends its
+    batches to ``ctx.device``."""
+    device = device or default_device()
     loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
+    loaded.model.to(device)
     images = discover_images(images_dir, cfg.data.max_images)
     for rel, reason in images.skipped[:5]:
         progress.info(f"warning: skipping {rel}: {reason}")
@@ -82,7 +90,7 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
     all_layers = cached_layers(loaded, (3, h, w), cache_dir)
     chosen = select(all_layers, cfg.layers)
     return BuildContext(config=cfg, model=loaded, images=images, layers=chosen, all_layers=all_layers,
-                        input_size=(h, w))
+                        input_size=(h, w), device=device)
 
 
 def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:
