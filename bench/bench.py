@@ -16,9 +16,17 @@ that build's own:
   sample of channels (``featurevis_bench.py --quality``): the distribution of the per-channel
   objective ratio and the ratio of the CPU times;
 - ``scale``: checkpointing overhead, 1 process against 2 gloo ranks;
+- ``sanity``: the sanity checks of the attribution pictures against the attribution pass, both over
+  the same ``--small`` images in one child process (wall and CPU seconds; goal: sanity ≤ 30 % of
+  attribution; neither pass's work grows with the image count: both look at top-k units);
 - ``attribution``, ``occlusion``, ``tsne``: the per-view benches (their own scripts, their own
   baselines: the naive attribution, plain forwards of as many images, scikit-learn against openTSNE);
 - ``demo``: `sitegen demo` from a fresh cache, training included (goal: under 3 minutes).
+- ``compare``: `--compare`, the shared ResNet-56 against a copy of it fine-tuned for one epoch on half
+  of the images (the first half of each class: 5,000 of the 10,000), made here (``finetuned_copy``).
+  The dataset pass of the comparison build (both models, one read of the images) against a one-model
+  build's, and each build's peak RSS, the two builds run alternately twice each (best of two); goals:
+  ≤ 2.2× the time, ≤ 1.3× the memory.
 
     python bench/bench.py [--images 10000] [--small 1000] [--out bench/results.json] [--skip ...]
     python bench/bench.py --device cuda      # the GPU bench (bench/gpu_bench.py), `make bench-gpu`
@@ -76,9 +84,9 @@ def site_stats(site: Path) -> dict:
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "bytes_by_type": by_ext}
 
 
-def child(n: int, work: Path, topk_only: bool) -> dict:
-    """One build in this process (every default pass, or the dataset pass alone): the figures, and
-    this process's peak RSS."""
+def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> dict:
+    """One build in this process (every default pass, or the dataset pass alone; with ``compare``, a
+    comparison build against that checkpoint): the figures, and this process's peak RSS."""
     sys.path.insert(0, str(REPO))
     from sitegen import progress
     from sitegen.build import BuildReport, prepare, run_passes
@@ -92,10 +100,14 @@ def child(n: int, work: Path, topk_only: bool) -> dict:
     table = {"model": {"arch": ARCH}}
     if topk_only:
         table.update({section: {"enabled": False} for section in OTHER_PASSES})
+    model = MODEL
+    if compare is not None:  # the fine-tuned copy is the new model, the shared one the old
+        table["compare"] = {"checkpoint": str(MODEL)}
+        model = compare
     cfg = from_dict(table)
     images = image_folder(n, work)
     t0 = time.perf_counter()
-    ctx = prepare(MODEL, images, cfg, work / "layer-cache")
+    ctx = prepare(model, images, cfg, work / "layer-cache")
     prepare_s = time.perf_counter() - t0
     bare_s = bare_forward(ctx)
     report = BuildReport(index=work / "site" / "index.html")
@@ -103,7 +115,7 @@ def child(n: int, work: Path, topk_only: bool) -> dict:
     results = run_passes(ctx, Cache(None), report)  # no cache: every pass computes
     passes_s = time.perf_counter() - t
     t = time.perf_counter()
-    out = work / f"site{n}{'-topk' if topk_only else ''}"
+    out = work / f"site{n}{'-topk' if topk_only else ''}{'-compare' if compare else ''}"
     staged = staging_dir(out)
     render(ctx, results, staged, RenderOptions(title="bench", patch_size=cfg.site.patch_size,
                                                image_format=cfg.site.image_format,
@@ -112,7 +124,7 @@ def child(n: int, work: Path, topk_only: bool) -> dict:
     render_s = time.perf_counter() - t
     total_s = time.perf_counter() - t0
     extra = {}
-    if not topk_only:
+    if not topk_only and compare is None:  # the whole atlas of one model
         extra["render_by_workers"] = render_scaling(ctx, results, cfg, work, render_s)
         if "attribution" in results:
             sys.path.insert(0, str(REPO / "bench"))
@@ -154,6 +166,30 @@ def render_scaling(ctx, results, cfg, work: Path, all_cores_s: float) -> dict[st
                                                  image_format=cfg.site.image_format, workers=workers))
         times[str(workers)] = time.perf_counter() - t
     return times
+def sanity_child(n: int, work: Path) -> dict:
+    """The top-k, attribution and sanity passes at the default settings over ``n`` images, in this
+    process; the sanity pass's time as a share of the attribution pass's (wall and CPU)."""
+    sys.path.insert(0, str(REPO))
+    from sitegen import progress
+    from sitegen.build import prepare
+    from sitegen.config import from_dict
+    from sitegen.passes.attribution import AttributionPass
+    from sitegen.passes.sanity import SanityPass
+    from sitegen.passes.topk import TopKPass
+
+    progress.set_quiet(True)
+    cfg = from_dict({"model": {"arch": ARCH}})
+    ctx = prepare(MODEL, image_folder(n, work), cfg, work / "layer-cache")
+    seconds: dict[str, dict[str, float]] = {}
+    for p in (TopKPass(cfg.topk), AttributionPass(cfg.attribution), SanityPass(cfg.sanity)):
+        wall, cpu = time.perf_counter(), time.process_time()
+        ctx.results[p.name] = p.run(ctx)
+        seconds[p.name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    sanity = ctx.results["sanity"]
+    pairs = sum(len(sanity.arrays[f"L{i}.units"]) * (3 + sanity.meta["images"]) for i in range(len(sanity.meta["layers"])))
+    return {"images": len(ctx.images), "layers": len(ctx.layers), "units_attributed": ctx.results["attribution"].meta["units"],
+            "sanity_pairs": pairs, "seconds": seconds,
+            "sanity_over_attribution": {k: seconds["sanity"][k] / seconds["attribution"][k] for k in ("wall", "cpu")}}
 
 
 def checkpoint_overhead(n: int, work: Path) -> dict:
@@ -196,12 +232,81 @@ def workers_comparison(n: int, work: Path) -> dict:
     return out
 
 
-OTHER_PASSES = ("attribution", "featurevis", "occlusion", "tsne", "kernels", "activations")
+OTHER_PASSES = ("attribution", "sanity", "featurevis", "occlusion", "tsne", "kernels", "activations")
 TOPK_ONLY = "".join(f"[{section}]\nenabled = false\n" for section in OTHER_PASSES)
 
 
-def run_child(n: int, work: Path, topk_only: bool = False) -> dict:
+def finetuned_copy(n: int, work: Path, epochs: int = 1) -> tuple[Path, dict]:
+    """The shared ResNet-56 fine-tuned for one epoch on the first half of each class's images among
+    the bench's ``n`` (5,000 of 10,000): SGD, learning rate 0.01, momentum 0.9, weight decay 5e-4,
+    batches of 128 in shuffled order (seed 0), BatchNorm in training mode, no augmentation; the
+    atlas's preprocessing (CIFAR mean and std).  Saved as a plain state dict."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from sitegen.build import prepare
+    from sitegen.config import from_dict
+
+    cfg = from_dict({"model": {"arch": ARCH}, **{s: {"enabled": False} for s in OTHER_PASSES}})
+    ctx = prepare(MODEL, image_folder(n, work), cfg, work / "layer-cache")
+    labels = ctx.images.labels
+    chosen = [i for c in sorted(set(labels.tolist())) for i in
+              (lambda members: members[: len(members) // 2])([int(j) for j in (labels == c).nonzero()[0]])]
+    inputs, targets = [], []
+    for batch in ctx.batches(chosen, batch_size=256):
+        inputs.append(batch.inputs[batch.ok])
+        targets.append(torch.from_numpy(labels[batch.indices.numpy()])[batch.ok])
+    x, y = torch.cat(inputs), torch.cat(targets)
+    net = ctx.net
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        accuracy = float(torch.cat([net(part).argmax(1) for part in x.split(256)]).eq(y).float().mean())
+    path = work / "resnet56-finetuned.pt"
+    torch.save(net.state_dict(), path)
+    return path, {"train_images": len(x), "epochs": epochs, "seconds": seconds, "train_accuracy_after": accuracy,
+                  "recipe": "SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, shuffled (seed 0), "
+                            "BatchNorm in training mode, no augmentation"}
+
+
+def compare_bench(n: int, work: Path) -> dict:
+    """The comparison build's dataset pass and peak RSS against a one-model build's, alternately."""
+    copy, made = finetuned_copy(n, work)
+    log(f"fine-tuned copy: {json.dumps(made)}")
+    runs: dict[str, list[dict]] = {"single": [], "compare": []}
+    for _ in range(2):
+        runs["single"].append(run_child(n, work, topk_only=True))
+        runs["compare"].append(run_child(n, work, topk_only=True, compare=copy))
+    best = {k: min(v, key=lambda r: r["seconds"]["pass:topk"]) for k, v in runs.items()}
+    rss = {k: min(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    single, both = best["single"]["seconds"], best["compare"]["seconds"]
+    return {
+        "images": n, "finetuned_copy": made,
+        "seconds_dataset_pass": {k: [r["seconds"]["pass:topk"] for r in v] for k, v in runs.items()},
+        "seconds_compare_figures": [r["seconds"].get("pass:compare") for r in runs["compare"]],
+        "seconds_bare_forward": {k: [r["seconds"]["bare_forward"] for r in v] for k, v in runs.items()},
+        "peak_rss_mib": {k: [r["peak_rss_mib"] for r in v] for k, v in runs.items()},
+        "dataset_pass_ratio": both["pass:topk"] / single["pass:topk"],
+        "peak_rss_ratio": rss["compare"] / rss["single"],
+        "peak_rss_ratio_worst": max(r["peak_rss_mib"] for r in runs["compare"]) /
+        max(r["peak_rss_mib"] for r in runs["single"]),
+        "goals": {"dataset_pass_ratio": 2.2, "peak_rss_ratio": 1.3},
+    }
+
+
+def run_child(n: int, work: Path, topk_only: bool = False, compare: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work)] + (["--topk-only"] if topk_only else [])
+    if compare is not None:
+        cmd += ["--compare", str(compare)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -217,7 +322,7 @@ def run_script(name: str, args: list[str], work: Path) -> dict:
     return figures
 
 
-SECTIONS = ("dataset_pass", "atlas", "featurevis", "scale", "attribution", "occlusion", "tsne", "demo")
+SECTIONS = ("dataset_pass", "atlas", "featurevis", "scale", "sanity", "attribution", "occlusion", "tsne", "demo", "compare")
 
 
 def demo_time(work: Path) -> dict:
@@ -249,10 +354,15 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--topk-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sanity-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--compare", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.work, args.topk_only)))
+        print(json.dumps(child(args.child, args.work, args.topk_only, args.compare)))
+        return
+    if args.sanity_child:
+        print(json.dumps(sanity_child(args.sanity_child, args.work)))
         return
     if not MODEL.is_file() or not CIFAR.is_dir():
         sys.exit(f"bench needs {MODEL} and {CIFAR}")
@@ -285,6 +395,7 @@ def main() -> None:
                 "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
                 "passes_over_bare_forward": atlas["ratio_to_bare_forward"],
                 "attribution_pass_over_bare_forward": s.get("pass:attribution", float("nan")) / s["bare_forward"],
+                "sanity_over_attribution_in_atlas": s.get("pass:sanity", float("nan")) / s.get("pass:attribution", float("nan")),
                 "featurevis_s_per_channel": fv / (atlas["channels"] + 10) if fv else None,
                 "render_s_by_workers": atlas.get("render_by_workers"),
                 "render_speedup_2_over_1": atlas["render_by_workers"]["1"] / atlas["render_by_workers"]["2"]
@@ -312,6 +423,12 @@ def main() -> None:
             results["scale"] = scale
             summary.update({"checkpoint_overhead": scale["checkpoint"]["overhead"],
                             "two_processes_speedup": scale["workers"]["speedup_2_over_1"]})
+        if "sanity" in run:
+            cmd = [sys.executable, __file__, "--sanity-child", str(args.small), "--work", str(work)]
+            sanity = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            log(f"sanity over attribution, {args.small} images: {json.dumps(sanity['sanity_over_attribution'])}")
+            results["sanity"] = sanity
+            summary["sanity_over_attribution"] = sanity["sanity_over_attribution"]
         if "attribution" in run:
             # The top-9 units (hence the attribution work) do not grow with the image count; 1,000
             # images give the same number of units and the script scales the forward to 10,000.
@@ -339,6 +456,12 @@ def main() -> None:
             log(f"demo: {d['seconds']:.1f} s")
             results["demo"] = d
             summary["demo_seconds"] = d["seconds"]
+        if "compare" in run:
+            c = compare_bench(args.images, work)
+            log(f"compare: dataset pass {c['dataset_pass_ratio']:.2f}x, peak RSS {c['peak_rss_ratio']:.2f}x")
+            results["compare"] = c
+            summary.update({"compare_dataset_pass_over_single": c["dataset_pass_ratio"],
+                            "compare_peak_rss_over_single": c["peak_rss_ratio"]})
     results["summary"] = summary
     results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

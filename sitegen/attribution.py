@@ -13,21 +13,25 @@ Public API
     takes one forward (cut short after ``layer``) and one backward; in eval mode samples do not
     interact, so this equals ``N`` separate calls.
 
-    At every ReLU the forward executes, the backward follows the method's rule:
+    At every activation the forward executes as written; the backward follows the method's rule
+    (``sitegen.activation_rules``; x the activation's input, g the gradient arriving from above,
+    g⁺ = max(g, 0)):
 
-    - ``guided`` (Springenberg et al. 2015): pass the gradient only where the forward input was
-      positive *and* the incoming gradient is positive;
-    - ``deconvnet`` (Zeiler & Fergus 2014): pass the incoming gradient rectified (``clamp(min=0)``),
-      whatever the forward input was.  Max-pooling routes through the forward switches, which is
-      what autograd already does;
+    - ``guided`` (Springenberg et al. 2015): ``g⁺ · f′(x)``, which at a ReLU is their rule (pass
+      only where the forward input and the gradient are both positive);
+    - ``deconvnet`` (Zeiler & Fergus 2014): ``g⁺``, whatever the forward input was.  Max-pooling
+      routes through the forward switches, which is what autograd already does;
     - ``gradient``: plain autograd.
 
-    Other activations (GELU, SiLU, sigmoid, ...) have no rule; the plain gradient flows through
-    them and one :class:`AttributionWarning` per call names them.
+    Under both rules a squeeze-and-excitation gate (a feature map times an input-dependent factor
+    without spatial extent) is a scale held constant: nothing flows into the gate's branch.
+    Activations without a rule (softplus, SELU, ...) and products of two feature maps pass the
+    plain gradient; one :class:`AttributionWarning` per call names them, and
+    :func:`sitegen.activation_rules.find_activations` lists them for the pages.
 
 ``attribute_methods(model, inputs, layer, units, methods=METHODS) -> dict[str, torch.Tensor]``
-    The same for several methods, ``{method: tensor}``, from one shared forward: the ReLUs record
-    their masks once and the rule is picked as each method's backward walks the kept graph.
+    The same for several methods, ``{method: tensor}``, from one shared forward: the activations
+    record their derivatives once and the rule is picked as each method's backward walks the kept graph.
 
 ``attribute_batched(model, inputs, layer, units, method="guided", batch_size=64)``
     The same result, computed ``batch_size`` samples at a time (for long lists).
@@ -45,14 +49,14 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
 from .hooks import capture_outputs, get_module, model_guard, run_until
 
@@ -69,136 +73,16 @@ class AttributionWarning(UserWarning):
     """The model runs an activation the chosen method has no rule for."""
 
 
-# --- the ReLU rule --------------------------------------------------------------------------------
-
-# Every way a forward can call a ReLU, as the object that reaches ``__torch_function__``.
-# nn.ReLU (inplace or not) calls F.relu; F.relu(inplace=True) arrives as F.relu with the flag;
-# F.relu_ *is* torch.relu_; Tensor.relu(_) arrive as the TensorBase methods (same objects).
-_RELU_OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
-_RELU_IN_PLACE = frozenset({torch.relu_, F.relu_, torch.Tensor.relu_})
-
-
-def _activation_names() -> dict[Any, str]:
-    """Activations with no guided/deconvnet rule, keyed by the function object the mode sees."""
-    table: dict[Any, str] = {}
-    candidates = {
-        "gelu": [F.gelu],
-        "silu": [F.silu],
-        "mish": [F.mish],
-        "hardswish": [F.hardswish],
-        "hardsigmoid": [F.hardsigmoid],
-        "elu": [F.elu, F.elu_],
-        "selu": [F.selu, torch.selu, torch.selu_],
-        "celu": [F.celu, torch.celu, torch.celu_],
-        "leaky_relu": [F.leaky_relu, F.leaky_relu_],
-        "rrelu": [F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_],
-        "prelu": [F.prelu, torch.prelu],
-        "relu6": [F.relu6],
-        "hardtanh/relu6": [F.hardtanh, F.hardtanh_],  # nn.ReLU6 calls F.hardtanh
-        "threshold": [F.threshold, torch.threshold, torch.threshold_],
-        "softplus": [F.softplus],
-        "logsigmoid": [F.logsigmoid],
-        "softsign": [F.softsign],
-        "tanhshrink": [F.tanhshrink],
-        "glu": [F.glu],
-        "sigmoid": [torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid],
-        "tanh": [torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh],
-    }
-    for name, funcs in candidates.items():
-        for func in funcs:
-            table[func] = name
-    return table
-
-
-_OTHER_ACTIVATIONS = _activation_names()
-
-
-class _RuleState:
-    """Which rule the ReLUs of a recorded forward apply, read when the backward runs.
-
-    One forward can then serve every method: the graph is kept (``retain_graph``) and walked once per
-    method with ``method`` set before each walk."""
-
-    def __init__(self, method: str):
-        self.method = method
-
-
-class _RectifiedReLU(torch.autograd.Function):
-    """ReLU forward; the backward follows ``state.method`` at the time the backward runs.
-    In place when asked, like torch.relu_."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, state: _RuleState, inplace: bool) -> torch.Tensor:
-        ctx.state = state
-        # A boolean mask rather than the output: the model may later modify the output in place,
-        # which would invalidate a saved tensor.  Guided and plain-gradient backwards both need it.
-        ctx.save_for_backward(x > 0)
-        if inplace:
-            ctx.mark_dirty(x)
-            return torch.relu_(x)
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        method = ctx.state.method
-        if method == "deconvnet":
-            return grad.clamp(min=0), None, None
-        (positive_input,) = ctx.saved_tensors
-        if method == "guided":
-            return grad.clamp(min=0) * positive_input, None, None
-        return grad * positive_input, None, None  # "gradient": what autograd's own ReLU backward does
-
-
-def _relu_call(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
-    """The tensor and the in-place flag of a ReLU call, however it was spelt."""
-    x = args[0] if args else kwargs["input"]
-    if func in _RELU_IN_PLACE:
-        return x, True
-    if func is F.relu:
-        return x, bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
-    return x, False
-
-
-def _lookup(table: Any, func: Any) -> bool:
-    try:
-        return func in table
-    except TypeError:  # an unhashable callable cannot be one of ours
-        return False
-
-
-class _RuleMode(TorchFunctionMode):
-    """Sends every ReLU call of the forward through :class:`_RectifiedReLU`.
-
-    A torch-function mode sees F.relu, torch.relu, Tensor.relu and their in-place forms alike,
-    which module hooks cannot (a model calling F.relu has no ReLU module to hook).  Calls made
-    while a handler runs are not seen again, so F.relu6 is reported once, not also as hardtanh.
-    """
-
-    def __init__(self, state: _RuleState):
-        super().__init__()
-        self.state = state
-        self.unhandled: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
-            x, inplace = _relu_call(func, args, kwargs)
-            return _RectifiedReLU.apply(x, self.state, inplace)
-        if _lookup(_OTHER_ACTIVATIONS, func):
-            self.unhandled.add(_OTHER_ACTIVATIONS[func])
-        return func(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def _rule(method: str) -> Iterator[set[str]]:
-    """Apply the method's ReLU rule inside the block; yields the set of rule-less activations seen.
+    """Apply the method's rules inside the block; yields the set of rule-less kinds seen.
 
     Nothing is patched: the mode is popped on exit, also when the forward raises.
     """
     if method == "gradient":
         yield set()
         return
-    mode = _RuleMode(_RuleState(method))
+    mode = RuleMode(RuleState(method))
     with mode:
         yield mode.unhandled
 
@@ -240,10 +124,10 @@ def _as_unit(unit: Any) -> Unit:
 
 
 def _check_scripted(model: nn.Module, method: str) -> None:
-    # TorchScript code bypasses __torch_function__, so its ReLUs would silently skip the rule.
+    # TorchScript code bypasses __torch_function__, so its activations would silently skip the rules.
     if method != "gradient" and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise AttributionError(
-            f"the {method} rule cannot reach the ReLUs inside a TorchScript module",
+            f"the {method} rule cannot reach the activations inside a TorchScript module",
             "load the model from its Python architecture, or use method 'gradient'",
         )
 
@@ -299,10 +183,10 @@ def _attribute(
         return {m: inputs.new_zeros((0, *inputs.shape[1:])) for m in methods}, set()
     rounds = _rounds(rows, len(units))
     # Only the plain gradient: no mode at all, so autograd's own backward runs untouched.
-    state = None if all(m == "gradient" for m in methods) else _RuleState(methods[0])
+    state = None if all(m == "gradient" for m in methods) else RuleState(methods[0])
     with model_guard(model):
         x = inputs.detach().clone().requires_grad_(True)
-        mode = _RuleMode(state) if state else contextlib.nullcontext()
+        mode = RuleMode(state) if state else contextlib.nullcontext()
         with capture_outputs(model, [layer], stop_after_last=True) as store, mode:
             # A non-leaf copy, so a model that edits its input in place (x.sub_(mean)) still works.
             run_until(model, x.clone())
@@ -443,3 +327,257 @@ def normalise_for_display(attr: np.ndarray | torch.Tensor, percentile: float = 9
     v = np.clip(a / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(a)
     img = np.rint(128.0 + 127.0 * v).astype(np.uint8).transpose(1, 2, 0)
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else np.ascontiguousarray(img)
+
+
+# --- image independence, decided from the model's structure ---------------------------------------
+
+
+class Independence:
+    """Whether a method's attribution of a layer's units can depend on the input image at all.
+
+    ``independent`` is True only when it was *proved* from the operations between the input and
+    the layer (see :func:`image_independent`); ``reason`` says why, or names the first operation
+    that stops the proof.  Truthy exactly when ``independent``."""
+
+    __slots__ = ("independent", "reason")
+
+    def __init__(self, independent: bool, reason: str):
+        self.independent = bool(independent)
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.independent
+
+    def __repr__(self) -> str:
+        return f"Independence({self.independent}, {self.reason!r})"
+
+
+# Operations whose backward is a fixed linear map of the incoming gradient (no forward value read):
+# by their name, whatever the namespace (torch.add, Tensor.add, F.pad...).  Dunder forms and the
+# in-place forms (``add_``) are folded onto these names before the lookup.
+_LINEAR_OPS = frozenset({
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+    "add", "sub", "rsub", "neg", "positive", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
+    "swapaxes", "movedim", "contiguous", "getitem", "narrow", "select", "squeeze", "unsqueeze", "expand",
+    "expand_as", "repeat", "tile", "chunk", "split", "tensor_split", "unbind", "clone", "to", "float",
+    "double", "type_as", "pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean", "sum", "flip", "roll", "pixel_shuffle",
+    "pixel_unshuffle", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "identity",
+})
+# Products: linear in the input when at most one operand depends on it (a weight times an activation);
+# the product of two activations (an SE gate, attention) reads the forward.
+_PRODUCT_OPS = frozenset({"mul", "matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "tensordot", "multiply"})
+_DIVISION_OPS = frozenset({"div", "truediv", "divide"})
+# Calls that only read a tensor's metadata (shape, dtype...), never its values.
+_METADATA_OPS = frozenset({
+    "dim", "size", "shape", "ndim", "ndimension", "numel", "nelement", "dtype", "device", "layout",
+    "is_contiguous", "is_floating_point", "is_complex", "requires_grad", "is_cuda", "stride",
+    "element_size", "storage_offset", "grad_fn", "is_leaf", "names", "len", "data_ptr",
+})
+# Autograd nodes whose backward reads no forward value (given the checks on the calls above):
+# a second, independent look at what the forward built, which also sees operations that bypass
+# __torch_function__ (C++ extensions, TorchScript).
+_LINEAR_NODES = frozenset({
+    "Convolution", "MkldnnConvolution", "CudnnConvolution", "ConvolutionBackwardOverrideable", "Add", "Sub",
+    "Rsub", "Neg", "Cat", "Stack", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Permute", "Transpose",
+    "T", "Clone", "Slice", "Select", "Narrow", "Expand", "Squeeze", "Unsqueeze", "Split", "SplitWithSizes",
+    "Unbind", "Chunk", "AsStrided", "ToCopy", "ConstantPadNd", "ReflectionPad1D", "ReflectionPad2D",
+    "ReplicationPad1D", "ReplicationPad2D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D",
+    "AdaptiveAvgPool3D", "Mean", "Sum", "Flip", "Roll", "Repeat", "Addmm", "Mm", "Bmm", "Mul", "Div",
+    "Matmul", "UnsafeSplit", "NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm",
+    "NativeBatchNormLegitNoTraining", "UpsampleNearest1D", "UpsampleNearest2D", "UpsampleNearest3D",
+    "UpsampleNearestExact2D", "UpsampleBilinear2D", "UpsampleBicubic2D", "UpsampleLinear1D",
+    "PixelShuffle", "PixelUnshuffle", "Alias", "Detach", "AccumulateGrad",
+})
+_ACTIVATION_NODES = frozenset({
+    "Relu", "Hardtanh", "LeakyRelu", "PreluKernel", "Elu", "Silu", "Gelu", "Hardswish", "Hardsigmoid",
+    "Mish", "Sigmoid", "Tanh",
+})
+"""Autograd nodes of the activations that have a rule (sitegen.activation_rules.RULES): under
+deconvnet the rule replaces their backward by g⁺, which reads nothing of the forward."""
+_PRODUCT_NODES = {"Mul": 0, "Mm": 0, "Bmm": 0, "Matmul": 0, "Addmm": 1, "Baddbmm": 1}
+"""Product nodes and the index of their first multiplied operand (Addmm's first input is the bias):
+at most one of the operands may lead back to the input."""
+_TRAINING_FLAG = {"batch_norm": 5, "dropout": 2, "dropout1d": 2, "dropout2d": 2, "dropout3d": 2,
+                  "alpha_dropout": 2, "feature_alpha_dropout": 2}
+"""Calls that are affine only in eval mode: the position of their ``training`` argument."""
+
+
+def _op_name(func: Any) -> str:
+    """``torch.add``, ``Tensor.add_``, ``Tensor.__iadd__`` and ``F.pad`` as ``add``, ``add``, ``add``, ``pad``."""
+    name = getattr(func, "__name__", "") or ""
+    if name == "__get__":  # a property getter (Tensor.shape): its owner's name
+        name = getattr(getattr(func, "__self__", None), "__name__", "") or name
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        # In-place (__iadd__) and reflected (__radd__) forms are the operation itself, except a
+        # reflected division (2 / x), which divides by the tensor: it keeps its own name.
+        if name.startswith("i") and name[1:] in _LINEAR_OPS | _PRODUCT_OPS | _DIVISION_OPS:
+            name = name[1:]
+        elif name.startswith("r") and name[1:] in _LINEAR_OPS | _PRODUCT_OPS:
+            name = name[1:]
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _input_derived(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+class _OpAudit(TorchFunctionMode):
+    """Records, for one probe forward, the first call that makes a method's backward read the forward."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.method = method
+        self.blocker: str | None = None
+        self.activations = 0
+        """Ruled activation calls on the input's path (the graph may hold no more of them)."""
+
+    def _block(self, why: str) -> None:
+        if self.blocker is None:
+            self.blocker = why
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._check(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _check(self, func: Any, args: tuple, kwargs: dict) -> None:
+        operands = [t for t in _tensors((args, kwargs)) if _input_derived(t)]
+        if not operands or self.blocker is not None:
+            return  # parameters, buffers and constants: the same for every image
+        call = classify(func, args, kwargs)
+        if call is not None and call.on_path:
+            # The activations and gates the attribution's RuleMode sees in the same calls.
+            if call.kind == GATE:
+                self._block(f"a gate ({call.display} by a factor computed from the image): the map's backward "
+                            "is scaled by the gate's value")
+            elif not (call.ruled and call.pure is not None) and call.kind != "relu":
+                self._block(f"{call.kind} ({call.display}), which has no {self.method} rule that ignores the forward")
+            elif self.method != "deconvnet":
+                self._block(f"{'a ReLU' if call.kind == 'relu' else call.kind}, whose {self.method} backward "
+                            "reads the forward's input")
+            else:
+                self.activations += 1
+            return
+        name = _op_name(func)
+        if name in _METADATA_OPS:
+            return
+        if name in _TRAINING_FLAG:
+            pos = _TRAINING_FLAG[name]
+            training = args[pos] if len(args) > pos else kwargs.get("training", name != "batch_norm")
+            if training:
+                self._block(f"{name} in training mode, which depends on the batch")
+            return
+        if name in _LINEAR_OPS:
+            return
+        if name in _PRODUCT_OPS:
+            if len(operands) > 1:
+                self._block(f"{name} of two tensors that both depend on the image (a gate or attention)")
+            return
+        if name in _DIVISION_OPS:
+            divisor = args[1] if len(args) > 1 else kwargs.get("other")
+            if _input_derived(divisor):
+                self._block("a division by a tensor that depends on the image")
+            return
+        self._block(f"{name or repr(func)}, whose backward may read the forward"
+                    + (" (max-pooling routes the gradient through the forward's switches)" if "max" in name else ""))
+
+
+def _graph_blocker(out: torch.Tensor, method: str, activations: int = 0) -> str | None:
+    """The first autograd node between ``out`` and the input whose backward may read the forward;
+    ``activations`` is how many ruled activation calls Python saw (more activation nodes than that
+    means one ran where no rule can reach it: TorchScript, a C++ extension)."""
+    seen: set[Any] = set()
+    found = 0
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kind = type(node).__name__
+        base = kind.rstrip("0123456789")
+        base = base[: -len("Backward")] if base.endswith("Backward") else base
+        edges = [f for f, _ in node.next_functions]
+        if base in _ACTIVATION_NODES:
+            found += 1
+            if method != "deconvnet":
+                return f"{'a ReLU' if base == 'Relu' else kind}, whose {method} backward reads the forward's input"
+            if found > activations:
+                return f"{kind}, an activation that ran out of the rule's reach (not through Python)"
+        elif base not in _LINEAR_NODES:
+            return f"the operation {kind}, whose backward may read the forward"
+        elif base in _PRODUCT_NODES and sum(f is not None for f in edges[_PRODUCT_NODES[base]:]) > 1:
+            return f"{kind}: a product of two tensors that both depend on the image"
+        elif base == "Div" and len(edges) > 1 and edges[1] is not None:
+            return "a division by a tensor that depends on the image"
+        elif "BatchNorm" in base and getattr(node, "_saved_training", False):
+            return "BatchNorm in training mode, which depends on the batch"
+        stack.extend(edges)
+    return None
+
+
+def image_independent(model: nn.Module, layer: str, method: str,
+                      input_shape: Sequence[int]) -> Independence:
+    """Whether ``method``'s attribution of any unit of ``layer`` is the same for every input image,
+    decided from the model's structure (never by measuring).
+
+    An attribution is a backward pass from one unit; it depends on the image only where some step
+    of that backward reads a value of the forward.  Convolutions, linear layers, additions, padding,
+    average pooling, reshapes and eval-mode BatchNorm and Dropout are fixed linear maps of the
+    incoming gradient; deconvnet's rule at every activation that has one (ReLU, SiLU, GELU, ...:
+    ``sitegen.activation_rules``) rectifies the gradient without reading the forward.  So deconvnet
+    is image-independent exactly when every operation between the input and the layer is one of
+    those (no max-pooling, whose backward follows the forward's switches; no activation without a
+    rule; no gate or other product of two maps that depend on the image, such as
+    squeeze-and-excitation or attention; no normalisation by the input's own statistics); the plain
+    gradient and guided backprop read every activation's forward input, so for them it holds only in
+    a network without activations.
+
+    The decision is conservative: one probe forward (zeros of ``input_shape`` = ``(C, H, W)``, in
+    eval mode, stopped at the layer) is audited twice, call by call through ``__torch_function__``
+    (which sees BatchNorm's training flag and which operands of a product depend on the input) and
+    node by node in the autograd graph it built (which also sees what bypasses Python, e.g. a C++
+    extension); any operation not known to be linear, or rule-applied without reading the forward,
+    answers "not proved" and names it.  The model is left as it came (``model_guard``).
+    """
+    _check_method(method)
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return Independence(False, "the model contains TorchScript code, which cannot be audited")
+    get_module(model, layer)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    audit = _OpAudit(method)
+    with model_guard(model):
+        x = torch.zeros((1, *input_shape), device=device, requires_grad=True)
+        with torch.enable_grad(), capture_outputs(model, [layer], stop_after_last=True) as store, audit:
+            run_until(model, x.clone())
+        out = store.get(layer)
+        if out is None or not isinstance(out, torch.Tensor):
+            return Independence(False, f"layer {layer!r} never ran during the probe forward")
+        if not out.requires_grad:
+            return Independence(False, f"layer {layer!r} does not depend on the input")
+        if audit.blocker is not None:
+            return Independence(False, f"between the input and {layer}: {audit.blocker}")
+        blocker = _graph_blocker(out, method, audit.activations)
+    if blocker is not None:
+        return Independence(False, f"between the input and {layer}: {blocker}")
+    what = ("linear or an activation whose deconvnet rule (g⁺) never reads the forward"
+            if audit.activations else "linear")
+    return Independence(True, f"every operation between the input and {layer} is {what}, so the "
+                              f"{method} backward is one fixed map, the same for every image")

@@ -1,6 +1,7 @@
 """``sitegen build``: collect (model, images, layers), run the passes (cached), render, publish."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,19 +15,23 @@ import torch
 
 from . import config as config_mod
 from . import progress
+from .activation_rules import ActivationReport, describe_unruled
 from .config import Config
 from .context import BuildContext, default_device
 from .images import discover as discover_images
-from .images import probe_input
+from .inputs import plan_inputs
 from .layers import LayerInfo, ReceptiveField
 from .layers import discover as discover_layers
 from .layers import select
-from .model_loading import LoadedModel, load_model
-from .output import check_target, discard, publish, staging_dir
+from .model_loading import LoadedModel, load_like, load_model
+from .distributed import current as current_dist
+from .errors import ConfigError, LayerError, SitegenError
+from .output import (MARKER, SITE_FILES, atlas_files, build_lock, check_target, discard, publish,
+                     remove_stale_staging, staging_dir)
 from .passes import default_passes
 from .passes.base import Cache, Result, run_cached
 from .render.pages import RenderOptions
-from .render.site import render
+from .render.site import asset_files, render
 
 
 def default_cache_dir() -> Path:
@@ -50,9 +55,10 @@ class BuildReport:
 
 
 def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: Path | None) -> list[LayerInfo]:
-    """Layer discovery (a probe forward/backward per layer) is cached like a pass result."""
+    """Layer discovery (a traced forward; a probe backward per layer the arithmetic cannot follow)
+    is cached like a pass result."""
     arch = hashlib.sha256(model.arch.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # hash() is per-process
-    key = f"layers-v1-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
+    key = f"layers-v2-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
     path = cache / f"{key}.json" if cache else None
     if path and path.is_file():
         try:
@@ -71,9 +77,57 @@ def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: 
     return layers
 
 
+def check_cache_dir(cache_dir: Path | None) -> None:
+    """A cache folder that exists (or can be made) and is a folder, before any work."""
+    if cache_dir is None:
+        return
+    hint = "point --cache-dir at a folder (it is created if missing), or pass --no-cache"
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise SitegenError(f"cache folder {str(cache_dir)!r} is a file, not a folder", hint)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SitegenError(f"cannot create the cache folder {str(cache_dir)!r}: {e.strerror}", hint) from None
+
+
+def selectable_hint(model: torch.nn.Module, patterns: tuple[str, ...], layers: list[LayerInfo]) -> None:
+    """Explain a --layer / ``layers`` pattern that names a module of the model sitegen does not show
+    (a ReLU, a pooling or linear layer): say what it is and what can be selected instead."""
+    shown = {l.name for l in layers}
+    modules = dict(model.named_modules())
+    names = [l.name for l in layers]
+    listed = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+    for pat in patterns:
+        if pat in modules and pat and pat not in shown:
+            kind = type(modules[pat]).__name__
+            why = (f"is a {kind} that gives no feature map in the model's forward pass"
+                   if isinstance(modules[pat], torch.nn.Conv2d) else f"is a {kind} module")
+            raise LayerError(f"layer {pat!r} {why}; sitegen shows the outputs of Conv2d layers and residual "
+                             f"blocks: {listed}",
+                             "pick one of those (`sitegen layers MODEL --arch ...` lists them with their shapes)")
+
+
+def check_config_against(ctx: BuildContext) -> None:
+    """Config values that name a module, an image or a size of this model and image list, checked
+    here, before the dataset pass, rather than by the pass that reads them hours later."""
+    from .passes.occlusion import OcclusionPass, geometry
+    from .passes.sampling import sample_images
+    from .passes.tsne import classifier_name
+
+    cfg = ctx.config
+    sample_images(ctx.images, cfg.samples)
+    if cfg.occlusion.enabled:
+        geometry(ctx.input_size, cfg.occlusion.size, cfg.occlusion.stride)
+        OcclusionPass(cfg.occlusion, cfg.samples).layer_name(ctx)
+    if cfg.tsne.enabled:
+        classifier_name(ctx.net, cfg.tsne.layer)
+
+
 def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
-            cache_dir: Path | None, device: torch.device | None = None) -> BuildContext:
-    """Everything a pass needs, with every input checked before any output is written.
+            cache_dir: Path | None, *, exclude: tuple[Path, ...] = (),
+            device: torch.device | None = None) -> BuildContext:
+    """Everything a pass needs, with every input checked before any output is written.  Folders in
+    ``exclude`` (the output) are never read as images.
 
     ``device`` None picks the GPU when PyTorch sees one (``context.default_device``).  The model
     (loaded here, sitegen's own copy) moves there before anything runs on it: every pass sends its
@@ -81,16 +135,29 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
     device = device or default_device()
     loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
     loaded.model.to(device)
-    images = discover_images(images_dir, cfg.data.max_images)
+    # The checkpoint to compare with must fit the model: checked before any image is read.
+    old = load_like(cfg.compare.checkpoint, loaded, cfg.model.trust_pickle) if cfg.compare.checkpoint else None
+    images = discover_images(images_dir, cfg.data.max_images, exclude=exclude)
     for rel, reason in images.skipped[:5]:
         progress.info(f"warning: skipping {rel}: {reason}")
     if len(images.skipped) > 5:
         progress.info(f"warning: skipping {len(images.skipped) - 5} more files (listed on the atlas's index page)")
-    h, w = probe_input(images, cfg.data)
-    all_layers = cached_layers(loaded, (3, h, w), cache_dir)
-    chosen = select(all_layers, cfg.layers)
-    return BuildContext(config=cfg, model=loaded, images=images, layers=chosen, all_layers=all_layers,
-                        input_size=(h, w), device=device)
+    for note in images.notes:
+        progress.info(f"warning: {note}")
+    # The input (channels, size, resize/crop, mean/std) is decided here, once; everything after
+    # reads it from the resolved data config.
+    plan = plan_inputs(loaded.model, loaded.arch, images, cfg.data, say=progress.info)
+    cfg = dataclasses.replace(cfg, data=plan.data)
+    all_layers = cached_layers(loaded, plan.shape, cache_dir)
+    try:
+        chosen = select(all_layers, cfg.layers)
+    except LayerError:
+        selectable_hint(loaded.model, cfg.layers, all_layers)
+        raise
+    ctx = BuildContext(config=cfg, model=loaded, images=plan.images, layers=chosen, all_layers=all_layers,
+                       input_size=plan.size, input_notes=plan.notes, compare=old, device=device)
+    check_config_against(ctx)
+    return ctx
 
 
 def run_passes(ctx: BuildContext, cache: Cache, report: BuildReport) -> dict[str, Result]:
@@ -117,12 +184,33 @@ def warn_unusable(reasons: list[str], shown: int = 5) -> None:
                       "(all are listed on the atlas's index page)")
 
 
+def warn_unruled(results: dict[str, Result], layers: int) -> None:
+    """Name the activations guided backprop and deconvnet have no rule for (their pictures are
+    then closer to the gradient's); the index page and the affected channel pages say so too."""
+    attribution = results.get("attribution")
+    if attribution is not None and {"guided", "deconvnet"} & set(attribution.meta.get("methods", [])):
+        line = describe_unruled(ActivationReport.from_dict(attribution.meta.get("activations", {})), layers)
+        if line:
+            progress.info(f"warning: {line}")
+
+
 def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: Config, *,
           force: bool = False, cache_dir: Path | None = None) -> BuildReport:
-    out = Path(out)
-    check_target(out, force)
+    out = Path(out).expanduser()
+    check_cache_dir(cache_dir)
+    main = current_dist().is_main
+    # One build at a time writes an atlas (rank 0 of a job writes it; the other ranks never do).
+    with build_lock(out) if main else contextlib.nullcontext():
+        if main:
+            remove_stale_staging(out)
+        check_target(out, force, images=Path(images_dir).expanduser(), site_files=(*SITE_FILES, *asset_files()))
+        return _build(model_path, images_dir, out, cfg, cache_dir)
+
+
+def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Config,
+           cache_dir: Path | None) -> BuildReport:
     t0 = time.perf_counter()
-    ctx = prepare(model_path, images_dir, cfg, cache_dir)
+    ctx = prepare(model_path, images_dir, cfg, cache_dir, exclude=(out,))
     report = BuildReport(index=out / "index.html", images=len(ctx.images),
                          layers=len(ctx.layers), channels=sum(l.channels for l in ctx.layers))
     report.timings["prepare"] = time.perf_counter() - t0
@@ -134,6 +222,7 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     if not ctx.dist.is_main:
         return report  # only rank 0 writes the site
     warn_unusable(results["topk"].meta.get("failed_reasons", []))
+    warn_unruled(results, len(ctx.layers))
     t = time.perf_counter()
     title = cfg.site.title or f"{Path(model_path).name} atlas"
     staged = staging_dir(out)
@@ -159,18 +248,34 @@ PAGES_LIMIT = 10**9
 
 
 def site_size(folder: Path) -> tuple[int, int]:
-    """Files and bytes under ``folder``."""
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    """Files and bytes of the atlas in ``folder``: the files its marker lists, and the marker (not
+    the user's own files beside it in a --force folder); every file when there is no marker."""
+    listed = atlas_files(folder)
+    if listed is None:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+    else:
+        files = [p for p in (folder / f for f in [*listed, MARKER]) if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Config:
-    """The config file (or defaults) with command-line flags per section laid over it."""
+def load_config(path: str | Path | None, flags: dict[str, tuple[str, str]] | None = None,
+                **sections: dict[str, Any]) -> Config:
+    """The config file (or defaults) with command-line flags per section laid over it.
+
+    ``flags`` maps a config key set from the command line to (flag, value as typed): a bad value is
+    reported by the flag the user typed (``--k -3``), with the key it sets."""
     cfg = config_mod.load(path)
     for section, values in sections.items():
         if section == "layers":
             if values:
                 cfg = dataclasses.replace(cfg, layers=tuple(values))
             continue
-        cfg = config_mod.with_overrides(cfg, section, **values)
+        try:
+            cfg = config_mod.with_overrides(cfg, section, **values)
+        except ConfigError as e:
+            key = getattr(e, "key", "")
+            flag = (flags or {}).get(key.split("[", 1)[0])
+            if flag is None:
+                raise
+            raise ConfigError(f"{flag[0]} {flag[1]} {e.why} (config key {key!r})", e.hint) from None
     return cfg

@@ -36,12 +36,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    resize: int = 0
-    """Shorter side in pixels after resizing; 0 keeps the size."""
-    crop: int = 0
-    """Centre crop in pixels; 0 means no crop."""
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: int = -1
+    """Shorter side in pixels after resizing; 0 keeps the size; -1 (automatic): a torchvision
+    architecture's own evaluation resize when neither resize nor crop is set, else 0."""
+    crop: int = -1
+    """Centre crop in pixels; 0 means no crop; -1 (automatic): a torchvision architecture's own
+    evaluation crop when neither resize nor crop is set, else none."""
+    channels: int = 0
+    """Channels the model reads: 1 (grey, luminance of the images) or 3 (RGB); 0 reads them off the
+    model's first convolution."""
+    mean: tuple[float, ...] = ()
+    """Mean subtracted after scaling pixels to [0, 1]: one number, or one per channel; empty picks it
+    (a torchvision architecture's weights', else ImageNet's; grey models: ImageNet's in grey)."""
+    std: tuple[float, ...] = ()
+    """Standard deviation the pixels are divided by: one number, or one per channel; empty picks it
+    like ``mean``."""
     max_images: int = 0
     """Use only the first N images (sorted order); 0 uses all."""
     max_pixels: int = 89_478_485
@@ -49,10 +58,15 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         # Upper bounds: a typo like 22400 would otherwise allocate gigabytes per image.
-        _check(0 <= self.resize <= MAX_SIDE, f"{key}.resize", f"must be between 0 (keeps the size) and {MAX_SIDE}")
-        _check(0 <= self.crop <= MAX_SIDE, f"{key}.crop", f"must be between 0 (no crop) and {MAX_SIDE}")
-        _check(len(self.mean) == 3, f"{key}.mean", "needs three numbers, one per RGB channel")
-        _check(len(self.std) == 3, f"{key}.std", "needs three numbers, one per RGB channel")
+        _check(-1 <= self.resize <= MAX_SIDE, f"{key}.resize",
+               f"must be between 0 (keeps the size) and {MAX_SIDE}, or -1 (automatic)")
+        _check(-1 <= self.crop <= MAX_SIDE, f"{key}.crop",
+               f"must be between 0 (no crop) and {MAX_SIDE}, or -1 (automatic)")
+        _check(self.channels in (0, 1, 3), f"{key}.channels",
+               "must be 1 (grey), 3 (RGB) or 0 (read off the model's first convolution)")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            _check(len(values) in (0, 1, 3), f"{key}.{name}",
+                   "needs one number (every channel), three (one per RGB channel) or none (automatic)")
         _check(all(s > 0 for s in self.std), f"{key}.std", "must be > 0 (it divides the pixels)")
         _check(self.max_images >= 0, f"{key}.max_images", "must be ≥ 0 (0 uses all images)")
         _check(0 < self.max_pixels <= PILLOW_MAX_PIXELS, f"{key}.max_pixels",
@@ -104,6 +118,29 @@ class AttributionConfig:
         _check(len(set(self.methods)) == len(self.methods), f"{key}.methods", "lists a method twice")
         _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
         _check(8 <= self.max_side <= 512, f"{key}.max_side", "must be between 8 and 512")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """The checks of the attribution pictures: how much they change when the weights are
+    randomised, from image to image, and how close they are to plain edges (docs/sanity.md)."""
+
+    enabled: bool = True
+    """Run the checks (they need the attribution pass)."""
+    units: int = 16
+    """Top units sampled per layer (each a different channel's strongest unit); all when fewer fire."""
+    images: int = 4
+    """Other images each sampled unit is attributed on for the image check."""
+    seed: int = 0
+    """Seed of the unit sample, the other images and the re-initialised weights."""
+    batch_size: int = 0
+    """(image, unit) pairs per forward+backward; 0 picks one as the attribution pass does."""
+
+    def validate(self, key: str) -> None:
+        _check(16 <= self.units <= 4096, f"{key}.units", "must be between 16 and 4096 (fewer gives too noisy a mean)")
+        _check(4 <= self.images <= 256, f"{key}.images", "must be between 4 and 256")
+        _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
+        _check(self.batch_size >= 0, f"{key}.batch_size", "must be ≥ 0 (0 picks one automatically)")
 
 
 @dataclass(frozen=True)
@@ -261,6 +298,30 @@ class ActivationsConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """A comparison build: the atlas of the model with an earlier checkpoint of it beside it."""
+
+    checkpoint: str = ""
+    """The earlier checkpoint (same architecture) to compare the model with; also ``--compare``.
+    Empty builds the atlas of one model."""
+    sample: int = 2000
+    """Images (a class-stratified, seeded sample) on which each channel's per-image maxima are kept
+    for the correlations and the channel matching."""
+    seed: int = 0
+    """Seed of that sample: the same seed gives the same images."""
+    channels: int = 10
+    """Most-changed channels listed per layer on the changes page."""
+    changed_images: int = 200
+    """Images whose prediction changed that are listed (each with its page); all are counted."""
+
+    def validate(self, key: str) -> None:
+        _check(10 <= self.sample <= 100_000, f"{key}.sample", "must be between 10 and 100000")
+        _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
+        _check(1 <= self.channels <= 1000, f"{key}.channels", "must be between 1 and 1000")
+        _check(0 <= self.changed_images <= 100_000, f"{key}.changed_images", "must be between 0 and 100000")
+
+
+@dataclass(frozen=True)
 class Config:
     layers: tuple[str, ...] = ()
     """Layer names or glob patterns (``layer3.*``) to show; empty shows every discovered layer."""
@@ -268,6 +329,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     topk: TopKConfig = field(default_factory=TopKConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
@@ -275,6 +337,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     featurevis: FeatureVisConfig = field(default_factory=FeatureVisConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
@@ -283,9 +346,17 @@ class Config:
                 value.validate(f.name)
 
 
+def _error(key: str, why: str, hint: str | None = None) -> ConfigError:
+    """``config key 'KEY' WHY``, keeping the key and the reason apart (a flag that set the key
+    is named instead of it: see :func:`sitegen.build.load_config`)."""
+    err = ConfigError(f"config key {key!r} {why}", hint)
+    err.key, err.why = key, why
+    return err
+
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
-        raise ConfigError(f"config key {key!r} {why}")
+        raise _error(key, why)
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -298,30 +369,30 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r} must be a table ([{key}]), not {type(value).__name__}")
+            raise _error(key, f"must be a table ([{key}]), not {type(value).__name__}")
         return _build(typ, value, key)
     if origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, e.g. {key.split('.')[-1]} = [...]")
+            raise _error(key, f"must be a list, e.g. {key.split('.')[-1]} = [...]")
         item = typing.get_args(typ)[0]
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if typ is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be true or false, not {value!r}")
+            raise _error(key, f"must be true or false, not {value!r}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} must be a whole number, not {value!r}")
+            raise _error(key, f"must be a whole number, not {value!r}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} must be a number, not {value!r}")
+            raise _error(key, f"must be a number, not {value!r}")
         if not math.isfinite(value):  # TOML allows nan and inf; no key means anything by them
-            raise ConfigError(f"config key {key!r} must be a finite number, not {value!r}")
+            raise _error(key, f"must be a finite number, not {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r} must be a string in quotes, not {value!r}")
+            raise _error(key, f"must be a string in quotes, not {value!r}")
         return value
     raise TypeError(f"unsupported config type {typ!r} for {key}")  # a bug in a dataclass, not user input
 

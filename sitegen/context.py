@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import Config, as_dict
 from .distributed import Dist
 from .distributed import current as current_dist
-from .images import ImageList, PixelDataset, normalise
+from .images import ImageList, PixelDataset, channels_of, normalise
 from .layers import LayerInfo
 from .model_loading import LoadedModel
 
@@ -46,13 +46,14 @@ MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 the results and (on the CPU) everything else the machine runs."""
 
 
-def channels_last_works(model: torch.nn.Module, input_size: tuple[int, int], device: torch.device) -> bool:
+def channels_last_works(model: torch.nn.Module, input_size: tuple[int, int], device: torch.device,
+                        channels: int = 3) -> bool:
     """Whether ``model`` runs on a channels-last batch.  A model that calls ``.view()`` on a feature
     map (``x.view(n, -1)`` after VGG's 7×7 maps, common in hand-written models) cannot: its view
     needs NCHW strides, so such a model must get contiguous batches."""
     from .hooks import model_guard
 
-    x = torch.zeros((2, 3, *input_size), device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.zeros((2, channels, *input_size), device=device).contiguous(memory_format=torch.channels_last)
     try:
         with model_guard(model), torch.no_grad():
             model(x)
@@ -72,9 +73,9 @@ class Batch:
     indices: torch.Tensor
     """Image indices (into ``ctx.images``) of this batch, int64, on the CPU."""
     pixels: torch.Tensor
-    """uint8 (N, H, W, 3), on the CPU."""
+    """uint8 (N, H, W, C), on the CPU (C = ``BuildContext.channels``)."""
     inputs: torch.Tensor
-    """Normalised float (N, 3, H, W) on the device."""
+    """Normalised float (N, C, H, W) on the device."""
     ok: torch.Tensor
     """bool (N,): False where the image could not be decoded (its pixels are zeros)."""
     errors: list[str]
@@ -89,6 +90,11 @@ class BuildContext:
     """The selected layers, in execution order."""
     all_layers: list[LayerInfo]
     input_size: tuple[int, int]
+    input_notes: tuple[str, ...] = ()
+    """How the input was decided, where automatically, and warnings about it (the index page lists them)."""
+    compare: LoadedModel | None = None
+    """An earlier checkpoint of the same architecture, shown beside the model (``compare.checkpoint``);
+    None for the atlas of one model."""
     device: torch.device = field(default_factory=default_device)
     workers: int = field(default_factory=default_workers)
     results: dict = field(default_factory=dict)
@@ -99,6 +105,11 @@ class BuildContext:
     """A folder the running pass may use for checkpoints (beside its cache entry); None = no cache."""
     _channels_last: bool | None = field(default=None, repr=False)
     """Cached answer of :attr:`channels_last`."""
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model's input: 1 (grey) or 3 (RGB)."""
+        return channels_of(self.config.data)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -140,7 +151,7 @@ class BuildContext:
         # run the probe through that pass's hooks (and its early stop).
         if self._channels_last is None:
             self._channels_last = self.device.type == "cuda" and channels_last_works(
-                self.net, self.input_size, self.device)
+                self.net, self.input_size, self.device, self.channels)
 
     @property
     def channels_last(self) -> bool:

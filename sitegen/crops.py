@@ -11,6 +11,7 @@ in its square says where the unit's field met the image border.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable
 
@@ -27,10 +28,12 @@ def display_box(rf_box: tuple[int, int, int, int], image_hw: tuple[int, int]) ->
     Deep units of small-image models see far more than the image (ResNet-56's last blocks: 249 px
     on 32 px CIFAR images), and the whole field would show the image as a dot in a grey square.
     The window keeps the field's centre, so the grey still shows where the unit sits relative to
-    the image border.
+    the image border.  A field that is not square (Inception's 1×7 and 7×1 convolutions) gets the
+    square as wide as its longer side; a pooled layer's field, the whole input, gets the square
+    around the whole image.
     """
     x0, y0, x1, y1 = rf_box
-    side = min(x1 - x0, max(image_hw))
+    side = min(max(x1 - x0, y1 - y0), max(image_hw))
     cx2, cy2 = x0 + x1, y0 + y1  # twice the centre, to stay in integers
     nx0, ny0 = (cx2 - side) // 2, (cy2 - side) // 2
     return (nx0, ny0, nx0 + side, ny0 + side)
@@ -58,20 +61,28 @@ def resize_square(patch: np.ndarray, size: int) -> np.ndarray:
 
 
 class PixelCache:
-    """Decoded, preprocessed images by index, least recently used dropped past a byte budget."""
+    """Decoded, preprocessed images by index, least recently used dropped past a byte budget.
+
+    Safe to share between threads (the render's thread pool, where processes cannot fork): the
+    bookkeeping is under a lock, the decoding outside it."""
 
     def __init__(self, load: Callable[[int], np.ndarray], budget_bytes: int = 512 << 20):
         self.load, self.budget, self.used = load, budget_bytes, 0
         self.items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __call__(self, i: int) -> np.ndarray:
-        if i in self.items:
-            self.items.move_to_end(i)
-            return self.items[i]
+        with self._lock:
+            arr = self.items.get(i)
+            if arr is not None:
+                self.items.move_to_end(i)
+                return arr
         arr = self.load(i)
-        self.items[i] = arr
-        self.used += arr.nbytes
-        while self.used > self.budget and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.used -= old.nbytes
+        with self._lock:
+            if i not in self.items:  # another thread may have decoded it meanwhile
+                self.items[i] = arr
+                self.used += arr.nbytes
+            while self.used > self.budget and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.used -= old.nbytes
         return arr

@@ -63,7 +63,12 @@ def init_from_env() -> Dist:
         return _current
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        store = os.environ.get("SITEGEN_STORE_FILE")  # set by `--workers N` (sitegen/launcher.py)
+        if store:
+            dist.init_process_group(backend=backend, init_method=f"file://{store}",
+                                    rank=int(os.environ["RANK"]), world_size=world)
+        else:
+            dist.init_process_group(backend=backend)  # torchrun's environment
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local % torch.cuda.device_count())

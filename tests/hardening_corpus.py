@@ -107,6 +107,17 @@ def jpeg_bytes(size=(32, 32), mode="RGB", seed=0) -> bytes:
     return buf.getvalue()
 
 
+def rotated_bytes(fmt: str, size=(24, 16), seed=0) -> bytes:
+    """An image stored ``size`` (width, height) with EXIF orientation 6: shown turned by 90°."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def gif_bytes(frames=3, size=(16, 16)) -> bytes:
     imgs = [Image.new("RGB", size, (80 * i, 255 - 80 * i, 40)) for i in range(frames)]
     buf = io.BytesIO()
@@ -184,6 +195,9 @@ def image_corpus() -> list[BadImage]:
         BadImage("animated-gif", "animated.gif", _write(gif_bytes()), "decodes"),
         BadImage("cmyk-jpeg", "cmyk.jpg", _write(jpeg_bytes(mode="CMYK")), "decodes"),
         BadImage("16-bit-png", "deep.png", _write(png_bytes(mode="I;16")), "decodes"),
+        BadImage("one-pixel", "dot.png", _write(png_bytes(size=(1, 1))), "decodes"),
+        BadImage("exif-rotated-jpeg", "turned.jpg", _write(rotated_bytes("JPEG")), "decodes"),
+        BadImage("exif-rotated-tiff", "turned.tif", _write(rotated_bytes("TIFF")), "decodes"),
         BadImage("non-utf8-name", NON_UTF8 + ".png", _write(png_bytes(seed=3)), "decodes"),
         BadImage("html-name", XSS_FILE + ".jpg", _write(jpeg_bytes(seed=4)), "decodes"),
         BadImage("quote-name", XSS_QUOTE + ".png", _write(png_bytes(seed=5)), "decodes"),
@@ -205,3 +219,84 @@ def write_good_images(folder: Path, n: int, size: int = 16, seed: int = 0) -> No
 def need_fifo() -> None:
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
+
+
+# ----------------------------------------------------------------------------- folders of mixed sizes
+
+def photo_crops(folder: Path, sizes: list[tuple[int, int]], prefix: str = "photo") -> list[Path]:
+    """Crops of scikit-learn's two sample photographs (427×640: a temple, a flower), one JPEG per
+    (width, height) in ``sizes``, taken at different places so that no two are alike."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i, (w, h) in enumerate(sizes):
+        src = photos[i % len(photos)]
+        y, x = (37 * i) % (src.shape[0] - h), (53 * i) % (src.shape[1] - w)
+        p = folder / f"{prefix}{i:02d}.jpg"
+        Image.fromarray(src[y:y + h, x:x + w]).save(p, quality=90)
+        made.append(p)
+    return made
+
+
+MIXED_PHOTOS = [(96, 64)] * 4 + [(64, 96)] * 3 + [(80, 80)] * 3 + [(120, 72)] * 2
+"""Photo sizes (width, height) of a folder where no size is the majority, as a camera roll's."""
+
+
+def _one_pixel_first(n: int, size: int) -> Callable[[Path], None]:
+    def make(root: Path) -> None:
+        write_good_images(root, n, size=size)
+        Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "0.png")  # sorts before good00.png
+    return make
+
+
+def _good(n: int, size: int = 16) -> Callable[[Path], None]:
+    return lambda root: write_good_images(root, n, size=size)
+
+
+def _photos(root: Path) -> None:
+    photo_crops(root, MIXED_PHOTOS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeCase:
+    """A folder whose images do not all get one size, or a crop that does not fit them."""
+
+    case: str
+    make: Callable[[Path], None]
+    flags: tuple[str, ...]
+    """Flags added to ``sitegen build``."""
+    outcome: str
+    """'stops' (exit 2 before any pass, nothing written) or 'builds'."""
+    phrases: tuple[str, ...]
+    """In the terminal's output."""
+    skipped: tuple[str, ...] = ()
+    """Files the atlas lists as skipped for their size ('builds')."""
+    note: str = ""
+    """Shown on the index page ('builds')."""
+
+
+def size_corpus() -> list[SizeCase]:
+    return [
+        # One odd image sorting first used to fix the input size, and every real image was skipped.
+        SizeCase("one-pixel-first", _one_pixel_first(12, 16), (), "stops",
+                 ("1 of the 13 readable images (7.6 %) would be skipped for their size", "12 are 16×16",
+                  "1×1 (1 image, e.g. 0.png)", "--resize 16 --crop 16")),
+        SizeCase("one-pixel-in-121", _one_pixel_first(120, 8), (), "builds",
+                 ("warning: skipping 1 of 121 images", "0.png (1×1)"), skipped=("0.png",)),
+        SizeCase("mixed-photos", _photos, (), "stops",
+                 ("8 of the 12 readable images (66 %) would be skipped for their size", "4 are 96×64",
+                  "64×96 (3 images", "--resize 64 --crop 64")),
+        SizeCase("mixed-photos-resize-only", _photos, ("--resize", "64"), "stops",
+                 ("would be skipped for their size", "(--resize 64)", "--resize 64 --crop 64")),
+        SizeCase("mixed-photos-fixed", _photos, ("--resize", "64", "--crop", "64"), "builds", ()),
+        SizeCase("crop-far-too-large", _good(12), ("--crop", "1000"), "stops",
+                 ("the crop 1000", "99.9 % of a typical input would be black padding", "--resize 1000",
+                  "--crop 16")),
+        SizeCase("crop-below-resize", _good(12), ("--resize", "8", "--crop", "16"), "stops",
+                 ("the crop 16", "75.0 %", "--resize 16 (instead of 8)", "--crop 8")),
+        SizeCase("crop-a-little-large", _good(12), ("--crop", "20"), "builds",
+                 ("warning: the crop 20 is larger than 12 of 12 images", "36 %", "--resize 20"),
+                 note="padded with black"),
+    ]

@@ -255,51 +255,54 @@ def test_inplace_relu_on_a_view():
         )
 
 
-# --- other activations -----------------------------------------------------------------------------
+# --- activations without a rule ---------------------------------------------------------------------
 
 
-class _GeluSiluNet(nn.Module):
+class _UnruledNet(nn.Module):
+    """Two kinds without a rule (SELU, softplus) around a ruled one (GELU): only the former are named."""
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-        self.gelu = nn.GELU()
+        self.selu = nn.SELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.silu(F.relu(self.gelu(self.conv1(x)))))
+        return self.conv2(F.softplus(F.gelu(self.selu(self.conv1(x)))))
 
 
 @pytest.mark.parametrize("method", ["guided", "deconvnet"])
 def test_one_warning_names_the_unruled_activations(method: str):
     with pytest.warns(AttributionWarning) as record:
-        attribute(_GeluSiluNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, method)
+        attribute(_UnruledNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, method)
     (warning,) = _attribution_warnings(record)
     message = str(warning.message)
-    assert "gelu" in message and "silu" in message and method in message and "plain gradient" in message
+    assert "selu" in message and "softplus" in message and method in message and "plain gradient" in message
+    assert "gelu" not in message
     assert warning.filename == __file__  # points at the caller
 
     with pytest.warns(AttributionWarning) as record:
-        attribute_batched(_GeluSiluNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, method, batch_size=1)
+        attribute_batched(_UnruledNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, method, batch_size=1)
     assert len(_attribution_warnings(record)) == 1
 
 
-def test_no_warning_for_gradient_or_relu_only():
+def test_no_warning_for_gradient_or_ruled_activations():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attribute(_GeluSiluNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, "gradient")
+        attribute(_UnruledNet(), SMALL_INPUTS, "conv2", SMALL_UNITS, "gradient")
         attribute(_TwoReluNet(lambda: F.relu), SMALL_INPUTS, "conv3", SMALL_UNITS, "guided")
+        attribute(_TwoReluNet(lambda: nn.Hardswish()), SMALL_INPUTS, "conv3", SMALL_UNITS, "deconvnet")
 
 
 @pytest.mark.parametrize(
     "name, act",
     [
-        ("relu6", nn.ReLU6()),  # the module calls F.hardtanh: reported once, under one name
-        ("relu6", lambda t: F.relu6(t)),
-        ("hardswish", nn.Hardswish()),
-        ("leaky_relu", nn.LeakyReLU(0.1)),
-        ("elu", nn.ELU()),
-        ("sigmoid", torch.sigmoid),
-        ("tanh", torch.Tensor.tanh),
+        ("softplus", nn.Softplus()),
+        ("selu", lambda t: torch.selu(t)),
+        ("celu", nn.CELU()),
+        ("logsigmoid", nn.LogSigmoid()),
+        ("hardshrink", torch.Tensor.hardshrink),
+        ("product of two feature maps", lambda t: t * torch.sigmoid(t)),  # a hand-written swish
     ],
 )
 def test_other_activations_are_named(name: str, act: Callable):

@@ -65,10 +65,10 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 def test_overrides_replace_only_given_keys():
     cfg = config.with_overrides(config.Config(), "data", resize=40, crop=None, mean=(0.5, 0.5, 0.5))
-    assert cfg.data.resize == 40 and cfg.data.crop == 0 and cfg.data.mean == (0.5, 0.5, 0.5)
+    assert cfg.data.resize == 40 and cfg.data.crop == -1 and cfg.data.mean == (0.5, 0.5, 0.5)
     assert cfg.data.std == config.DataConfig().std
     with pytest.raises(ConfigError, match="data.crop"):
-        config.with_overrides(cfg, "data", crop=-1)
+        config.with_overrides(cfg, "data", crop=-2)
 
 
 def test_integers_accepted_for_floats(tmp_path):

@@ -19,7 +19,8 @@ from PIL import Image
 from sitegen import config
 from sitegen.config import DataConfig
 from sitegen.errors import ConfigError, ImageError
-from sitegen.images import EXTENSIONS, read_rgb, preprocess
+from sitegen.images import EXTENSIONS, header_size, preprocess, read_rgb, to_model_mode
+from sitegen.progress import for_terminal
 
 def fuzz(examples: int) -> settings:
     """Fixed examples (derandomize), a fixed count, no deadline, nothing stored between runs."""
@@ -85,14 +86,22 @@ def scratch(tmp_path_factory) -> Path:
 def _decode(folder: Path, ext: str, data: bytes) -> None:
     path = folder / f"fuzz{ext}"
     path.write_bytes(data)
+    try:  # the input size is decided from headers: they fail cleanly too
+        upright = header_size(path, max_pixels=1 << 20)
+    except ImageError:
+        upright = None
     try:
         img = read_rgb(path, max_pixels=1 << 20)
     except ImageError:
         return
-    # When it decodes, it is an RGB picture that preprocessing accepts.
+    # When it decodes, it is an RGB picture that preprocessing accepts, in RGB and in grey, and its
+    # header gave its size (EXIF rotation included), which the size decision relies on.
     assert img.mode == "RGB" and img.size[0] > 0 and img.size[1] > 0
+    assert upright == img.size
     px = preprocess(img, DataConfig(resize=8, crop=8))
     assert px.shape == (8, 8, 3) and px.dtype == np.uint8
+    grey = preprocess(to_model_mode(img, 1), DataConfig(resize=8, crop=8))
+    assert grey.shape == (8, 8, 1) and grey.dtype == np.uint8
 
 
 @fuzz(600)
@@ -200,3 +209,67 @@ def test_decoder_bugs_become_image_errors(scratch, monkeypatch):
     path.write_bytes(SEEDS["PNG-RGB"][1])
     with pytest.raises(ImageError, match="x.png: cannot decode \\(a decoder bug\\)"):
         read_rgb(path, 1 << 20)
+
+
+# ----------------------------------------------------------------------------- names on the terminal
+
+def _controls(text: str) -> list[str]:
+    import unicodedata
+
+    bidi = {"\u200e", "\u200f", "\u061c", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))}
+    return [c for c in text if unicodedata.category(c) == "Cc" or c in bidi]
+
+
+@fuzz(300)
+@given(name=st.text(alphabet=st.characters(codec=None, exclude_categories=("Cs",)), max_size=24))
+def test_fuzz_names_reach_the_terminal_without_control_characters(name):
+    """A file name can hold ESC sequences, newlines or bidi overrides that would recolour, forge or
+    reorder what the terminal shows: escaped, visibly, and text without them passes unchanged."""
+    shown = for_terminal(name)
+    assert _controls(shown) == []
+    if not _controls(name):
+        assert shown == name
+    else:
+        assert len(shown) > len(name)  # every one became a visible escape
+
+
+# ----------------------------------------------------------------------------- an atlas is never data
+
+@st.composite
+def image_trees(draw):
+    """Folders up to three deep, each holding a few image files, some holding the atlas marker."""
+    names = st.sampled_from(["a", "b", "img", "atlas", "layers", "x y", ".hidden"])
+    folders = draw(st.lists(st.lists(names, min_size=1, max_size=3).map("/".join), min_size=1, max_size=6,
+                            unique=True))
+    marked = draw(st.lists(st.sampled_from(folders), max_size=3, unique=True))
+    top = draw(st.integers(0, 2))
+    return folders, marked, top
+
+
+@fuzz(40)
+@given(tree=image_trees())
+def test_fuzz_discovery_never_reads_inside_an_atlas(tmp_path_factory, tree):
+    from sitegen.errors import ImageError as NoImages
+    from sitegen.images import discover
+    from sitegen.output import MARKER
+
+    folders, marked, top = tree
+    root = tmp_path_factory.mktemp("tree")
+    png = SEEDS["PNG-RGB"][1]
+    for f in folders:
+        (root / f).mkdir(parents=True, exist_ok=True)
+        (root / f / "p.png").write_bytes(png)
+    for f in marked:
+        (root / f / MARKER).write_text('{"files": ["p.png"]}')
+    for i in range(top):
+        (root / f"top{i}.png").write_bytes(png)
+    inside = lambda rel: any(rel == m or rel.startswith(m + "/") for m in marked)  # noqa: E731
+    expected = sorted({f"{f}/p.png" for f in folders if not inside(f)} | {f"top{i}.png" for i in range(top)})
+    try:
+        found = discover(root)
+    except NoImages:
+        assert expected == []
+        return
+    assert sorted(r.rel for r in found.records) == expected
+    outermost = {m for m in marked if not any(m != o and m.startswith(o + "/") for o in marked)}
+    assert {rel for rel, _ in found.skipped if rel.endswith("/")} == {m + "/" for m in outermost}

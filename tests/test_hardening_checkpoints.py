@@ -155,9 +155,15 @@ CASES = [
     ("folder", _folder, TINY, ["ckpt.pt", "is a folder"]),
     ("fifo", _fifo, TINY, ["pipe.pt", "not a regular file"]),
     ("empty", _write("empty.pt", b""), TINY, ["empty.pt", "not a readable PyTorch checkpoint", "torch.save"]),
-    ("truncated", _truncated, TINY, ["half.pt", "not a readable PyTorch checkpoint", "complete"]),
+    ("truncated", _truncated, TINY, ["half.pt", "not a readable PyTorch checkpoint", "truncated", "complete"]),
     ("truncated-header", _head_only, TINY, ["head.pt", "not a readable PyTorch checkpoint"]),
-    ("text-file", _write("notes.pt", b"these are not weights\n"), TINY, ["notes.pt", "not a readable PyTorch checkpoint"]),
+    ("text-file", _write("notes.pt", b"these are not weights\n"), TINY,
+     ["notes.pt", "not a readable PyTorch checkpoint", "a text file", "'these are not weights'"]),
+    ("csv-file", _write("log.pt", b"epoch,loss\n1,0.5\n"), TINY, ["log.pt", "a text file", "'epoch,loss'"]),
+    ("short-text-file", _write("hello.pt", b"hello\n"), TINY, ["hello.pt", "a text file"]),
+    ("git-lfs-pointer", _write("lfs.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                         + b"0" * 64 + b"\nsize 46827520\n"), TINY,
+     ["lfs.pt", "Git LFS pointer", "git lfs pull"]),
     ("png-file", _write("picture.pt", corpus.png_bytes()), TINY, ["picture.pt", "torch.save"]),
     ("numpy-file", _npy, TINY, ["weights.npy", "NumPy", "torch.save"]),
     ("foreign-zip", _zip, TINY, ["archive.pt", "not a readable PyTorch checkpoint"]),
@@ -172,6 +178,9 @@ CASES = [
       "conv2.weight (5, 4, 3, 3) vs (5, 8, 3, 3)", "--arch"]),
     ("state-dict-without-arch", _save("tiny.pt", _tiny_sd), "", ["tiny.pt", "--arch"]),
     ("list-object", _save("list.pt", [1, 2, 3]), TINY, ["list.pt", "holds a list", "state_dict()"]),
+    ("int-object", _save("int.pt", 3), TINY, ["int.pt", "holds an int,"]),
+    ("one-key-missing", _save("tiny.pt", lambda: {k: v for k, v in _tiny_sd().items() if k != "fc.bias"}), TINY,
+     ["tiny.pt", "missing 1 key (fc.bias)"]),
     ("dict-of-non-tensors", _save("cfg.pt", {"state_dict": {"w": [1, 2]}, "epoch": 3}), TINY,
      ["cfg.pt", "without a state dict", "'state_dict', 'epoch'"]),
     ("integer-keys", _save("ints.pt", {1: torch.zeros(2)}), TINY, ["ints.pt", "without a state dict"]),
@@ -333,3 +342,11 @@ def test_logits_says_why_not(output, phrase):
     with pytest.raises(ModelLoadError) as e:
         logits(output)
     assert phrase in str(e.value) and "hint:" in str(e.value)
+
+
+def test_messages_from_torch_are_not_cut_mid_sentence(tmp_path):
+    """torch's own messages run to several sentences; what sitegen quotes of them ends where one does."""
+    with pytest.raises(ModelLoadError) as e:
+        load_model(_truncated(tmp_path), TINY)
+    quoted = e.value.message.split("(", 1)[1]
+    assert quoted.endswith(")") and quoted[-2] not in " ,;:" and "If you are seeing this error" not in quoted

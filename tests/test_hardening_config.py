@@ -51,11 +51,11 @@ CASES = [
     # out of range
     ("k-zero", "[topk]\nk = 0\n", ["'topk.k'", "between 1 and 100"]),
     ("k-huge", "[topk]\nk = 100000000000000000000\n", ["'topk.k'", "between 1 and 100"]),
-    ("negative-resize", "[data]\nresize = -1\n", ["'data.resize'", "between 0"]),
+    ("negative-resize", "[data]\nresize = -2\n", ["'data.resize'", "between 0", "-1 (automatic)"]),
     ("huge-resize", "[data]\nresize = 1000000\n", ["'data.resize'", "16384"]),
     ("huge-crop", "[data]\ncrop = 99999\n", ["'data.crop'", "16384"]),
     ("zero-std", "[data]\nstd = [0.2, 0, 0.2]\n", ["'data.std'", "> 0"]),
-    ("two-means", "[data]\nmean = [0.5, 0.5]\n", ["'data.mean'", "three numbers"]),
+    ("two-means", "[data]\nmean = [0.5, 0.5]\n", ["'data.mean'", "one number", "three (one per RGB channel)"]),
     ("nan-mean", "[data]\nmean = [nan, 0.5, 0.5]\n", ["'data.mean[0]'", "finite number"]),
     ("inf-std", "[data]\nstd = [inf, 0.2, 0.2]\n", ["'data.std[0]'", "finite number"]),
     ("zero-max-pixels", "[data]\nmax_pixels = 0\n", ["'data.max_pixels'", "> 0"]),
@@ -121,14 +121,14 @@ def test_empty_config_is_the_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("flags, phrases", [
-    (["--k", "0"], ["'topk.k'", "between 1 and 100"]),
+    (["--k", "0"], ["--k 0", "'topk.k'", "between 1 and 100"]),
     (["--k", "nine"], ["Invalid value for '--k'"]),
-    (["--resize", "-3"], ["'data.resize'"]),
-    (["--max-images", "-1"], ["'data.max_images'"]),
-    (["--mean", "a,b,c"], ["--mean", "three numbers"]),
-    (["--std", "0.2,0.2"], ["--std", "three comma-separated numbers"]),
-    (["--std", "0,1,1"], ["'data.std'", "> 0"]),
-    (["--std", "nan,1,1"], ["'data.std[0]'", "finite"]),
+    (["--resize", "-3"], ["--resize -3", "'data.resize'"]),
+    (["--max-images", "-1"], ["--max-images -1", "'data.max_images'"]),
+    (["--mean", "a,b,c"], ["--mean", "not one number or three"]),
+    (["--std", "0.2,0.2"], ["--std", "one number or three comma-separated numbers, got 2"]),
+    (["--std", "0,1,1"], ["--std 0,1,1", "'data.std'", "> 0"]),
+    (["--std", "nan,1,1"], ["--std nan,1,1", "'data.std[0]'", "finite"]),
     (["--no-such-flag"], ["No such option: --no-such-flag"]),
 ])
 def test_bad_flags(tmp_path, capfd, flags, phrases):

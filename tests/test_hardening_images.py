@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from sitegen.config import DataConfig
 from sitegen.errors import ImageError
-from sitegen.images import discover, load_pixels, read_rgb, shown
+from sitegen.images import discover, header_size, load_pixels, read_rgb, shown
 
 
 
@@ -60,7 +60,7 @@ def _expected_pixels(case, path_bytes: bytes) -> np.ndarray:
         return np.repeat(grey[..., None], 3, axis=2)
     if case == "animated-gif":
         img.seek(0)
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.case for c in CASES])
@@ -87,6 +87,8 @@ def test_each_bad_image(tmp_path, bad, deadline):
     got = np.asarray(read_rgb(images.path(i), DataConfig().max_pixels, bad.name))
     want = _expected_pixels(bad.case, (root / bad.name).read_bytes())
     assert got.dtype == np.uint8 and got.shape == want.shape
+    # The input size is decided from headers: a file's header gives its decoded, upright size.
+    assert header_size(images.path(i), DataConfig().max_pixels) == (got.shape[1], got.shape[0])
     # CMYK -> RGB is the one conversion with rounding differences between code paths
     assert np.abs(got.astype(int) - want.astype(int)).max() <= (1 if bad.case == "cmyk-jpeg" else 0)
 
@@ -244,7 +246,7 @@ def _tiny_checkpoint(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout, needles", [
-    ("only-bad", ["none of the first 6 images", "could be read", "bomb.png"]),
+    ("only-bad", ["none of the 6 images", "could be read", "bomb.png"]),
     ("empty", ["no images found"]),
     ("missing", ["does not exist", "--images"]),
     ("a-file", ["is not a folder"]),
@@ -279,3 +281,76 @@ def test_pixel_limit_from_the_config_file(tmp_path, capfd):
         ["build", str(_tiny_checkpoint(tmp_path)), "--images", str(root), "--arch", corpus.TINY_ARCH,
          "-o", str(tmp_path / "site"), "--config", str(cfg), "--no-cache"], capfd)
     corpus.assert_clean_failure(code, err, "16×16 pixels is over the limit of 200", "data.max_pixels")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+SIZE_CASES = corpus.size_corpus()
+
+
+@pytest.mark.parametrize("sc", SIZE_CASES, ids=[c.case for c in SIZE_CASES])
+def test_size_cases(tmp_path, capfd, sc, deadline):
+    """Folders whose images do not share a size, and crops that do not fit: the build either stops
+    before any pass with the flags that fix it, or builds and names every image it leaves out."""
+    root = tmp_path / "imgs"
+    sc.make(root)
+    out = tmp_path / "site"
+    cfg = corpus.fast_config(tmp_path / "fast.toml", topk={"k": 2})
+    code, _, err = corpus.run_cli(
+        ["build", str(_tiny_checkpoint(tmp_path)), "--images", str(root), "--arch", corpus.TINY_ARCH,
+         "-o", str(out), "--config", str(cfg), "--no-cache", *sc.flags], capfd)
+    for phrase in sc.phrases:
+        assert phrase in err, f"{phrase!r} not in {err!r}"
+    if sc.outcome == "stops":
+        corpus.assert_clean_failure(code, err)
+        assert "topk" not in err and "dataset" not in err  # stopped before any pass
+        assert not out.exists() and not list(tmp_path.glob(".site.building-*"))
+        return
+    assert code == 0, err
+    atlas = json.loads((out / "data" / "atlas.json").read_text(encoding="utf-8"))
+    data = atlas["data"]
+    skipped = {s["path"]: s["reason"] for s in data["skipped"]}
+    assert sorted(skipped) == sorted(sc.skipped), skipped
+    for rel in sc.skipped:
+        assert "after preprocessing differs from the input size" in skipped[rel]
+    # Nothing lost silently: every image file is used or listed as skipped.
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert data["images"] + len(skipped) == len(files) and data["used"] == data["images"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for rel in sc.skipped:
+        assert rel in index
+    if sc.note:
+        assert sc.note in index
+        assert any(sc.note in n for n in data["notes"]), data["notes"]
+
+
+def _one_image_list(root: Path, name: str, data: bytes):
+    root.mkdir(exist_ok=True)
+    (root / name).write_bytes(data)
+    return discover(root)
+
+
+def test_an_image_of_another_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    """With the input size known, the declared size decides: the pixels are never decoded."""
+    images = _one_image_list(tmp_path / "imgs", "big.png", corpus.png_header_only(9000, 9000))
+
+    def no_decode(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(ImageError, match="big.png: size 9000×9000 after preprocessing differs from the input size 16×16"):
+        load_pixels(images, 0, DataConfig(), (16, 16))
+    with pytest.raises(ImageError, match="size 32×32 after preprocessing differs from the input size 16×16"):
+        load_pixels(images, 0, DataConfig(resize=32, crop=32), (16, 16))
+
+
+def test_exif_rotation_is_counted_before_the_size_check(tmp_path):
+    """A 20×10 JPEG whose EXIF turns it upright to 10×20 has the upright size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(buf, "JPEG", exif=exif)
+    images = _one_image_list(tmp_path / "imgs", "turned.jpg", buf.getvalue())
+    assert load_pixels(images, 0, DataConfig(), (20, 10)).shape == (20, 10, 3)
+    with pytest.raises(ImageError, match="size 10×20 after preprocessing differs from the input size 20×10"):
+        load_pixels(images, 0, DataConfig(), (10, 20))

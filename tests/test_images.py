@@ -8,7 +8,8 @@ from PIL import Image
 
 from sitegen.config import DataConfig
 from sitegen.errors import ImageError
-from sitegen.images import discover, load_pixels, normalise, preprocess, probe_input, read_rgb
+from sitegen.images import discover, load_pixels, normalise, preprocess, read_rgb
+from sitegen.inputs import decide_size
 
 
 def test_imagefolder_labels_sorted_recursive(tmp_path):
@@ -36,8 +37,8 @@ def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(ImageError, match="does not exist"):
         discover(tmp_path / "nope")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ImageError, match="none of the first 1 images"):
-        probe_input(discover(tmp_path), DataConfig())
+    with pytest.raises(ImageError, match="none of the 1 images"):
+        decide_size(discover(tmp_path), DataConfig())
 
 
 @pytest.mark.parametrize("fmt, mode", [
@@ -116,4 +117,4 @@ def test_load_pixels_uses_preprocessing(tmp_path):
     Image.new("RGB", (30, 20), (10, 20, 30)).save(tmp_path / "a.png")
     images = discover(tmp_path)
     assert load_pixels(images, 0, DataConfig(resize=10, crop=10)).shape == (10, 10, 3)
-    assert probe_input(images, DataConfig()) == (20, 30)
+    assert decide_size(images, DataConfig()).size == (20, 30)

@@ -124,3 +124,48 @@ def test_wrong_arch_names_keys(tmp_path, paths):
         load_model(path, "torchvision:resnet18")
     text = str(e.value)
     assert "missing" in text and "unexpected" in text and "conv1.weight" in text
+
+
+def _tv(name, **kw):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GoogLeNet/Inception: "default weight initialization will change"
+        return torchvision.models.get_model(name, weights=None, **kw)
+
+
+def test_classifier_written_as_a_1x1_convolution_gives_the_class_count(tmp_path):
+    path = tmp_path / "sq.pt"
+    torch.save(_tv("squeezenet1_1", num_classes=10).state_dict(), path)
+    loaded = load_model(path, "torchvision:squeezenet1_1")
+    assert loaded.num_classes == 10 and loaded.model.classifier[1].out_channels == 10
+
+
+@pytest.mark.parametrize("form", ["state_dict", "plain dict", "DataParallel", "checkpoint dict"])
+def test_module_versions_are_kept_or_supplied(tmp_path, form):
+    """MNASNet reads the version its state dict was saved with; a copy into a plain dict loses it."""
+    model = _tv("mnasnet0_5")
+    sd = model.state_dict()
+    obj = {"state_dict": sd, "plain dict": dict(sd), "DataParallel": torch.nn.DataParallel(model).state_dict(),
+           "checkpoint dict": {"model": dict(sd), "epoch": 1}}[form]
+    path = tmp_path / "m.pt"
+    torch.save(obj, path)
+    loaded = load_model(path, "torchvision:mnasnet0_5")
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_batchnorm_without_its_counter_still_loads_from_a_plain_dict(tmp_path):
+    sd = {k: v for k, v in _tv("resnet18").state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt", "torchvision:resnet18").num_classes == 1000
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+@pytest.mark.parametrize("aux", [True, False])
+def test_inception_checkpoints_load_with_or_without_aux_heads(tmp_path, name, aux):
+    model = _tv(name, aux_logits=aux, init_weights=False, num_classes=7)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = load_model(tmp_path / "w.pt", f"torchvision:{name}")
+    assert loaded.model.aux_logits is aux and loaded.num_classes == 7
+    assert set(loaded.model.state_dict()) == set(model.state_dict())

@@ -127,7 +127,7 @@ def test_force_never_overwrites_a_user_file(tmp_path):
     with pytest.raises(OutputError) as e:
         publish(staged, out)
     discard(staged)
-    assert "index.html" in str(e.value) and "were not written by sitegen" in str(e.value)
+    assert "index.html" in str(e.value) and "1 file in" in str(e.value) and "was not written by sitegen" in str(e.value)
     assert _tree(out) == {"index.html": "the user's own home page"}  # not even a marker
 
 
@@ -403,3 +403,189 @@ def test_cli_interrupted_publish_leaves_no_front_page(tmp_path, capfd, inputs, m
     code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
     assert code == 0, err
     assert set(_tree(out)) == set(_listed(out)) | {MARKER}
+
+
+# ----------------------------------------------------------------------------- modes, locks, leftovers
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    """(kind, permission bits) of root and of everything under it."""
+    found = {("dir", root.stat().st_mode & 0o777)}
+    for p in root.rglob("*"):
+        found.add(("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777))
+    return found
+
+
+@pytest.mark.parametrize("umask, dirs, files", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_new_atlas_folder_gets_the_umask_modes(tmp_path, capfd, inputs, umask, dirs, files):
+    """A web server running as another user must be able to read a freshly published atlas."""
+    old = os.umask(umask)
+    try:
+        code, _, err = corpus.run_cli(inputs + ["-o", str(tmp_path / "site")], capfd)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert _modes(tmp_path / "site") == {("dir", dirs), ("file", files)}
+
+
+def test_a_second_build_into_the_same_atlas_is_refused(tmp_path, capfd, inputs):
+    out = tmp_path / "site"
+    with output.build_lock(out):
+        code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+        corpus.assert_clean_failure(code, err, "another build is writing", "site")
+        assert not out.exists()
+    assert not list(tmp_path.glob(".site.lock*"))  # the lock goes with the build that held it
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 0, err
+
+
+def test_the_lock_of_a_killed_build_does_not_block_the_next(tmp_path, capfd, inputs):
+    """The lock is the kernel's (flock): it dies with its process, whatever killed it."""
+    import subprocess
+    import time
+
+    out = tmp_path / "site"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; from sitegen import output\n"
+                               f"with output.build_lock(Path({str(out)!r})):\n"
+                               "    print('locked', flush=True); time.sleep(600)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+        corpus.assert_clean_failure(code, err, "another build is writing")
+        assert f"pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 0, err
+
+
+def test_staging_folders_of_dead_builds_are_removed(tmp_path, capfd, inputs):
+    import subprocess
+
+    out = tmp_path / "site"
+    dead = tmp_path / ".site.building-999999999-abc123"   # no such pid
+    (dead / "layers").mkdir(parents=True)
+    (dead / "index.html").write_text("a half-rendered site from a killed build")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    alive = tmp_path / f".site.building-{sleeper.pid}-def456"
+    alive.mkdir()
+    other = tmp_path / ".other.building-999999999-abc123"  # another atlas's: not this build's business
+    other.mkdir()
+    try:
+        code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+        assert code == 0, err
+        assert not dead.exists() and alive.is_dir() and other.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_ctrl_c_during_the_swap_says_what_state_the_folder_is_in(tmp_path, capfd, inputs, monkeypatch):
+    out = tmp_path / "site"
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 0, err
+    monkeypatch.setattr(output.os, "replace", _replace_failing_at(3))
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 130
+    assert "nothing was published" not in err
+    assert "site" in err and "no front page" in err and "run the build again" in err
+
+
+def test_ctrl_c_before_the_swap_says_nothing_was_published(tmp_path, capfd, inputs, monkeypatch):
+    import sitegen.build
+
+    out = tmp_path / "site"
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 0, err
+    before = _digest(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sitegen.build, "render", interrupted)
+    code, _, err = corpus.run_cli(inputs + ["-o", str(out)], capfd)
+    assert code == 130 and "nothing was published" in err and "previous atlas" in err
+    assert _digest(out) == before
+
+
+def test_summary_counts_only_the_atlas_files(tmp_path, capfd, inputs):
+    out = tmp_path / "site"
+    (out / "papers").mkdir(parents=True)
+    for i in range(5):
+        (out / "papers" / f"{i}.pdf").write_bytes(b"x" * 1000)
+    code, stdout, err = corpus.run_cli([a for a in inputs if a != "-q"] + ["-o", str(out), "--force"], capfd)
+    assert code == 0, err
+    listed = _listed(out)
+    size = sum((out / f).stat().st_size for f in listed) + (out / MARKER).stat().st_size
+    assert f": {len(listed) + 1} files, {size / 2**20:.1f} MiB" in err
+
+
+@pytest.mark.parametrize("where", ["root", "home", "home-parent"])
+def test_force_is_refused_for_the_root_and_home_folders(tmp_path, monkeypatch, where):
+    home = tmp_path / "home" / "me"
+    home.mkdir(parents=True)
+    (home / ".bashrc").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    target = {"root": Path("/"), "home": home, "home-parent": home.parent}[where]
+    with pytest.raises(OutputError) as e:
+        check_target(target, force=True)
+    assert "--force" in str(e.value)
+
+
+def test_tilde_in_out_is_the_home_folder(tmp_path, capfd, inputs, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = corpus.run_cli(inputs + ["-o", "~/atlas"], capfd)
+    assert code == 0, err
+    assert (home / "atlas" / "index.html").is_file() and not (work / "~").exists()
+
+
+def test_sigterm_stops_a_build_like_ctrl_c(tmp_path, capfd, inputs, monkeypatch):
+    """SIGTERM (what `kill` and service managers send) removes the staging folder and exits 143,
+    instead of dying with a half-rendered site beside the atlas."""
+    import signal
+
+    import sitegen.build
+
+    real_render = sitegen.build.render
+
+    def render_then_term(ctx, results, staged, opts):
+        real_render(ctx, results, staged, opts)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sitegen.build, "render", render_then_term)
+    code, _, err = corpus.run_cli(inputs + ["-o", str(tmp_path / "site")], capfd)
+    assert code == 143 and "nothing was published" in err and "Traceback" not in err
+    assert not (tmp_path / "site").exists()
+    _no_staging_left(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default back
+
+
+def test_files_every_atlas_writes_are_the_ones_checked_before_the_work(tmp_path, capfd, inputs):
+    """SITE_FILES and the assets are what the --force pre-check looks for: each one is in a real build."""
+    from sitegen.render.site import asset_files
+
+    code, _, err = corpus.run_cli(inputs + ["-o", str(tmp_path / "site")], capfd)
+    assert code == 0, err
+    listed = set(_listed(tmp_path / "site"))
+    assert set(output.SITE_FILES) | set(asset_files()) <= listed
+    assert asset_files() == sorted(f for f in listed if f.startswith("assets/"))
+
+
+def test_the_lock_is_on_the_real_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with output.build_lock(tmp_path / "real"):
+        with pytest.raises(OutputError, match=f"another build is writing .*pid {os.getpid()}"):
+            with output.build_lock(tmp_path / "link"):
+                pass
+    with output.build_lock(tmp_path / "link"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -74,7 +74,7 @@ def hostile(num_classes=3):
 
 # Every optional view on, as cheap as its config allows (only keys this Config has are set).
 CHEAP = {"featurevis": {"enabled": True, "steps": 2, "batch_size": 8, "classes": True},
-         "attribution": {"enabled": True}, "occlusion": {"enabled": True},
+         "attribution": {"enabled": True}, "sanity": {"enabled": True}, "occlusion": {"enabled": True},
          "tsne": {"enabled": True, "max_points": 10, "pca_dims": 2, "perplexity": 2.0},
          "kernels": {"enabled": True}, "activations": {"enabled": True},
          "samples": {"per_class": 1, "max_images": 3}, "topk": {"k": 3}}
@@ -223,6 +223,24 @@ def test_json_and_javascript_data_escape_markup(site):
         json.loads(m.group(1))
     search = (site / "data" / "search-index.js").read_text(encoding="utf-8")
     assert json.dumps(XSS_CLASS).replace("<", "\\u003c").replace(">", "\\u003e") in search
+
+
+def test_svg_charts_hold_names_as_text(site):
+    """The sanity charts (SVG files shown through <img>) write layer names as escaped text: they
+    parse as XML, with no script, no event handler and no reference to another file."""
+    import xml.etree.ElementTree as ET
+
+    charts = sorted(site.rglob("*.svg"))
+    assert charts, "the build drew no SVG chart"
+    shown = ""
+    for path in charts:
+        root = ET.parse(path).getroot()
+        for el in root.iter():
+            tag = el.tag.rsplit("}", 1)[-1]
+            assert tag not in ("script", "foreignObject", "image", "a", "use"), f"{path.name}: <{tag}>"
+            assert not any(k.rsplit("}", 1)[-1].startswith("on") or "href" in k for k in el.attrib), f"{path.name}: {el.attrib}"
+            shown += "".join(el.itertext()) if tag == "text" else ""
+    assert XSS_LAYER in shown
 
 
 # ----------------------------------------------------------------------------- in Chromium

@@ -19,11 +19,21 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
     from .tsne import TsnePass
 
     passes: list[AnalysisPass] = [TopKPass(cfg.topk)]
+    if cfg.compare.checkpoint:
+        # A comparison build: the dataset pass reads the images once for both models.
+        from .compare import CompareTopKPass
+
+        passes = [CompareTopKPass(cfg.topk, cfg.compare, cfg.tsne)]
     # Attributions of every top-k unit: reads the topk result, so it comes right after it.
     if cfg.attribution.enabled:
         from .attribution import AttributionPass
 
         passes.append(AttributionPass(cfg.attribution))
+        # The checks of those pictures (weights randomised, other images, edges) read both results.
+        if cfg.sanity.enabled:
+            from .sanity import SanityPass
+
+            passes.append(SanityPass(cfg.sanity))
     # Whole-model views: each its own pass, each switched off by `enabled = false`.
     if cfg.occlusion.enabled:
         passes.append(OcclusionPass(cfg.occlusion, cfg.samples))
@@ -38,4 +48,11 @@ def default_passes(cfg: Config) -> list[AnalysisPass]:
     if cfg.featurevis.enabled:
         passes.append(FeatureVisPass(cfg.featurevis))
     passes.append(CorrespondencePass(CorrespondenceConfig(topk=cfg.topk)))
+    if cfg.compare.checkpoint:
+        # What changed from the old checkpoint: after t-SNE, whose map the old codes' map is laid over.
+        from .compare import ComparePass, OldFeatureVisPass
+
+        if cfg.featurevis.enabled:
+            passes.append(OldFeatureVisPass(cfg.featurevis))
+        passes.append(ComparePass(cfg.compare, cfg.topk, cfg.tsne))
     return passes

@@ -36,6 +36,10 @@ The arrays are ``Σ_layers C·k·methods·s²·3`` bytes: for the shared ResNet-
 (82 layers, 3040 channels, k = 9, three methods) 223 MiB, against 0.47 GiB for whole float16 maps
 and 2.1 GiB for patch-sized (96 px) copies; ``bench/attribution_bench.py`` reports the cache entry.
 
+Meta ``activations``: :func:`sitegen.activation_rules.find_activations` on one of the atlas's images
+(every activation kind, how it is called, the rule of each method, and for each selected layer the
+kinds without a rule on its path), for the index page's table and the channel pages' notes.
+
 Arrays: ``L{i}.{method}`` uint8 ``(C, k, s, s, 3)`` for layer ``i`` of ``meta["layers"]`` (the
 top-k pass's order); slots of missing entries (fewer usable images than k) are plain grey.
 """
@@ -43,13 +47,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import progress
-from ..attribution import attribute_methods, normalise_for_display
+from ..activation_rules import ActivationReport, find_activations
+from ..attribution import AttributionWarning, attribute_methods, normalise_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
@@ -142,7 +148,7 @@ def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
 
 class AttributionPass(AnalysisPass):
     name = "attribution"
-    version = 1
+    version = 2
     distributed = True
     config: AttributionConfig
 
@@ -172,6 +178,9 @@ class AttributionPass(AnalysisPass):
         if ctx.dist.active:  # the default follows each rank's free memory; the items must be the same on all
             batch = int(all_reduce(torch.tensor([batch]), op=torch.distributed.ReduceOp.MIN).item())
         pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=256 << 20)
+        # Which activations the rules meet, and which selected layers lie behind one without a rule:
+        # the pages and the terminal say so (the warnings attribute_methods would give say less).
+        report = find_activations(ctx.net, self._example(ctx, plans, pixels), [p.name for p in plans])
         out = {p.index: {m: np.full((p.channels, k, p.side, p.side, 3), GREY, dtype=np.uint8) for m in methods}
                for p in plans}
         # Work items: every batch of every layer, in order; under torchrun each rank takes its share
@@ -180,7 +189,8 @@ class AttributionPass(AnalysisPass):
         mine = ctx.dist.items(len(items))
         store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         total = sum(len(items[i][0].c[items[i][1]]) for i in mine) * len(methods)
-        with progress.bar("attribution", total, "units") as advance:
+        with progress.bar("attribution", total, "units") as advance, warnings.catch_warnings():
+            warnings.simplefilter("ignore", AttributionWarning)
             for i in mine:
                 plan, s = items[i]
                 o, cs, js = out[plan.index], plan.c[s], plan.j[s]
@@ -200,8 +210,19 @@ class AttributionPass(AnalysisPass):
         arrays = {f"L{li}.{m}": out[li][m] for li in out for m in methods}
         meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
                 "windows": [p.window for p in plans], "sides": [p.side for p in plans],
-                "units": int(sum(len(p) for p in plans)), "percentile": PERCENTILE}
+                "units": int(sum(len(p) for p in plans)), "percentile": PERCENTILE,
+                "activations": report.to_dict()}
         return Result(meta=meta, arrays=arrays)
+
+    @staticmethod
+    def _example(ctx: BuildContext, plans: list[LayerPlan], pixels: PixelCache) -> torch.Tensor | tuple[int, ...]:
+        """One preprocessed image the atlas uses (the model's real input), for finding activations;
+        a shape to fill with noise when no unit has an image."""
+        first = next((p for p in plans if len(p)), None)
+        if first is None:
+            return tuple(ctx.input_size)
+        stacked = torch.from_numpy(np.stack([pixels(int(first.image[0]))])).to(ctx.device)
+        return normalise(stacked, ctx.config.data)
 
     @staticmethod
     def _gather(items: list[tuple[LayerPlan, slice]], mine: range, methods: list[str],
@@ -230,6 +251,11 @@ class AttributionPass(AnalysisPass):
             crops = crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window)
             for p in range(len(units)):
                 out[m][cs[p], js[p]] = display_crop(crops[p], plan.side)
+
+
+def activation_report(result: Result) -> ActivationReport:
+    """The activations the rules met (``find_activations``), as stored in the result's meta."""
+    return ActivationReport.from_dict(result.meta.get("activations", {}))
 
 
 def unit_crops(result: Result, layer: str, channel: int, method: str) -> np.ndarray:

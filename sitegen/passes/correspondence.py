@@ -100,7 +100,7 @@ def carried_channels(model: nn.Module, block: str, in_channels: int, out_channel
     to unchanged (-1 for none), and how that was decided."""
     module = get_module(model, block)
     short, found = None, False
-    for attr in ("shortcut", "downsample"):
+    for attr in ("shortcut", "downsample", "proj"):  # proj: RegNet's blocks
         if hasattr(module, attr):
             short, found = getattr(module, attr), True
             break

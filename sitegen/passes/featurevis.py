@@ -39,10 +39,13 @@ raise the input (never where it would push an already negative input lower).  Af
 gradient is used, so the final image is optimised for the real objective.  A channel that still
 ends with a mean activation ≤ 0 is reported as *never excited*.
 
+A grey model (1 input channel) gets grey images: one channel is optimised (its "colour matrix" is
+1×1) and the stored picture repeats it in R, G and B.
+
 Results per layer ``i``: ``L{i}.images`` uint8 (C, H, W, 3), ``L{i}.objective`` (C,) the channel's
 mean activation on the final (stored, uint8) image, ``L{i}.start`` (C,) the same on the starting
 noise, ``L{i}.steps`` (C,) int16 the steps each image took; ``classes.*`` likewise for the logits;
-``colour`` the 3×3 colour matrix used.
+``colour`` the colour matrix used (3×3; 1×1 for grey).
 """
 from __future__ import annotations
 
@@ -57,12 +60,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .. import progress
-from ..attribution import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE, _lookup, _relu_call
+from ..activation_rules import classify
 from ..config import FeatureVisConfig
 from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
 from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
+from ..images import as_rgb, default_stats, per_channel
 from ..model_loading import logits
 from .base import AnalysisPass, ItemStore, Result
 
@@ -93,10 +97,12 @@ class Ascent:
     lr: float
     jitter: int
     size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    """One number per input channel (3 for RGB, 1 for grey)."""
+    std: tuple[float, ...]
     decorrelate: bool = True
     colour: tuple[tuple[float, ...], ...] = tuple(map(tuple, IMAGENET_COLOUR))
+    """channels × channels."""
     seed: int = 0
     lr_end: float | None = None
     """The step size falls linearly from ``lr`` at the first step to this at the last; None keeps
@@ -109,6 +115,10 @@ class Ascent:
     stop_gain: float = 0.0
     """An image stops once its mean objective over the last window beats the window before by
     less than this fraction of its size (see :func:`ascend`)."""
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
 
 @dataclass
@@ -132,11 +142,14 @@ class AscentResult:
 def colour_sqrt(pixels: np.ndarray) -> np.ndarray:
     """The "SVD square root" of the pixel colour covariance, normalised as Lucid's.
 
-    ``pixels`` is uint8 (..., 3).  With cov = U diag(λ) Uᵀ the matrix is U diag(√λ), divided by its
+    ``pixels`` is uint8 (..., C).  With cov = U diag(λ) Uᵀ the matrix is U diag(√λ), divided by its
     largest column norm: mapping decorrelated unit-variance noise through it gives colours with the
-    data's correlations, the strongest direction at unit scale.
+    data's correlations, the strongest direction at unit scale.  For grey pixels (C = 1) it is [[1]].
     """
-    flat = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    c = pixels.shape[-1]
+    flat = pixels.reshape(-1, c).astype(np.float64) / 255.0
+    if c == 1:
+        return np.ones((1, 1))
     if len(flat) < 3:
         return IMAGENET_COLOUR
     cov = np.cov(flat, rowvar=False)
@@ -160,8 +173,14 @@ def fourier_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
     return (scale * np.sqrt(h * w)).float()
 
 
+def default_colour(channels: int) -> np.ndarray:
+    """The colour matrix without images to estimate one: Lucid's ImageNet one, or [[1]] for grey."""
+    return IMAGENET_COLOUR if channels == 3 else np.eye(channels)
+
+
 class ImageParam:
-    """N images as optimisable parameters: ``rgb()`` maps them to (N, 3, H, W) in (0, 1)."""
+    """N images as optimisable parameters: ``rgb()`` maps them to (N, C, H, W) in (0, 1), C the
+    model's input channels (3, or 1 for a grey model)."""
 
     def __init__(self, init: torch.Tensor, a: Ascent):
         self.a = a
@@ -174,7 +193,7 @@ class ImageParam:
     @staticmethod
     def shape(n: int, a: Ascent) -> tuple[int, ...]:
         h, w = a.size
-        return (n, 3, h, w // 2 + 1, 2) if a.decorrelate else (n, 3, h, w)
+        return (n, a.channels, h, w // 2 + 1, 2) if a.decorrelate else (n, a.channels, h, w)
 
     def rgb(self, params: torch.Tensor | None = None) -> torch.Tensor:
         """The images of ``params`` (default: all of them; a subset of rows may be given)."""
@@ -183,7 +202,7 @@ class ImageParam:
             return torch.sigmoid(params)
         spectrum = torch.view_as_complex(params) * self.scale
         t = torch.fft.irfft2(spectrum, s=self.a.size) / FOURIER_SCALE
-        t = torch.einsum("ij,njhw->nihw", self.colour, t)  # decorrelated -> RGB
+        t = torch.einsum("ij,njhw->nihw", self.colour, t)  # decorrelated -> RGB (grey: ×1)
         return torch.sigmoid(t)
 
 
@@ -251,16 +270,16 @@ class _RedirectMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _lookup(_RELU_OUT_OF_PLACE, func) or _lookup(_RELU_IN_PLACE, func):
-            x, inplace = _relu_call(func, args, kwargs)
-            return _RedirectedReLU.apply(x, inplace)
+        call = classify(func, args, kwargs)
+        if call is not None and call.kind == "relu":
+            return _RedirectedReLU.apply(call.x, call.inplace)
         return func(*args, **kwargs)
 
 
 # --- objectives ------------------------------------------------------------------------------------
 
 Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""``objective(x, rows)``: normalised input batch (n, 3, H, W) -> objective per image (n,), where
+"""``objective(x, rows)``: normalised input batch (n, C, H, W) -> objective per image (n,), where
 ``rows`` (n,) says which of the units each image of ``x`` is for (None: all of them, in order)."""
 
 
@@ -336,8 +355,8 @@ def ascend(objective: Objective, init: torch.Tensor, a: Ascent, key: str, record
     g = torch.Generator().manual_seed(_seed(a.seed, key + "\0jitter"))
     dev = init.device
     n = len(init)
-    mean = torch.tensor(a.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(a.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    mean = torch.tensor(a.mean, dtype=torch.float32, device=dev).view(1, a.channels, 1, 1)
+    std = torch.tensor(a.std, dtype=torch.float32, device=dev).view(1, a.channels, 1, 1)
     start = _measure(objective, _quantise(param.rgb().detach()), mean, std)
     redirect_until = int(round(a.steps * REDIRECT_FRACTION))
     params = param.params.detach()
@@ -371,14 +390,14 @@ def ascend(objective: Objective, init: torch.Tensor, a: Ascent, key: str, record
     images = _quantise(param.rgb(params).detach())
     final = _measure(objective, images, mean, std)
     return AscentResult(
-        images=images.permute(0, 2, 3, 1).cpu().numpy(),
+        images=as_rgb(images.permute(0, 2, 3, 1).cpu().numpy()),  # a grey image is stored in grey RGB
         objective=final, start=start, steps=taken,
         history=values.numpy() if record else None,
     )
 
 
 def _quantise(rgb: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> uint8, as stored and shown."""
+    """(N, C, H, W) in [0, 1] -> uint8, as stored and shown."""
     return (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -420,9 +439,11 @@ class FeatureVisPass(AnalysisPass):
         cfg = self.config
         h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
         jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
-        colour = colour_sqrt(_sample_pixels(ctx)) if cfg.decorrelate else IMAGENET_COLOUR
+        c = ctx.channels
+        colour = colour_sqrt(_sample_pixels(ctx)) if cfg.decorrelate else default_colour(c)
+        mean0, std0 = default_stats(c)  # a resolved config has them; a hand-made context may not
         return Ascent(steps=cfg.steps, lr=cfg.lr, lr_end=cfg.lr_end, jitter=jit, size=(h, w),
-                      mean=tuple(ctx.config.data.mean), std=tuple(ctx.config.data.std),
+                      mean=per_channel(ctx.config.data.mean or mean0, c), std=per_channel(ctx.config.data.std or std0, c),
                       decorrelate=cfg.decorrelate, colour=tuple(map(tuple, colour.tolist())), seed=cfg.seed,
                       precision=precision(cfg.precision, ctx.device),
                       stop_window=cfg.stop_window if cfg.stop_gain > 0 else 0, stop_gain=cfg.stop_gain)
@@ -520,7 +541,7 @@ def logit_count(model: nn.Module, a: Ascent, device: torch.device) -> tuple[int,
     """How many logits the model outputs for an image of the ascent's size (0 and why, if none)."""
     try:
         with model_guard(model), torch.no_grad():
-            out = model(torch.zeros((1, 3, *a.size), device=device))
+            out = model(torch.zeros((1, a.channels, *a.size), device=device))
     except Exception as e:  # e.g. a fixed-size classifier head and a different image_size
         return 0, f"the model cannot run on a {a.size[1]}×{a.size[0]} image ({type(e).__name__})"
     try:
@@ -545,7 +566,7 @@ def _sample_pixels(ctx: BuildContext, n: int = 256) -> np.ndarray:
     """uint8 pixels of up to ``n`` decodable images, for the colour statistics."""
     idx = list(range(min(n, len(ctx.images))))
     chunks = [b.pixels[b.ok].numpy() for b in ctx.batches(idx)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.uint8)
+    return np.concatenate(chunks) if chunks else np.zeros((0, ctx.channels), np.uint8)
 
 
 def never_excited(result: Result, li: int) -> np.ndarray:

@@ -31,7 +31,7 @@ class KernelsPass(AnalysisPass):
 
     def run(self, ctx: BuildContext) -> Result:
         convs = [l.name for l in ctx.layers
-                 if l.kind == "conv" and isinstance(get_module(ctx.net, l.name), torch.nn.Conv2d)]
+                 if l.kind in ("conv", "pooled") and isinstance(get_module(ctx.net, l.name), torch.nn.Conv2d)]
         first = next((l.name for l in ctx.all_layers
                       if l.kind == "conv" and isinstance(get_module(ctx.net, l.name), torch.nn.Conv2d)), None)
         arrays: dict[str, np.ndarray] = {}

@@ -235,5 +235,5 @@ def load_inputs(ctx: BuildContext, indices: list[int]) -> tuple[list[int], torch
         ids += [int(i) for i, good in zip(b.indices, b.ok) if good]
         failed += [int(i) for i, good in zip(b.indices, b.ok) if not good]
     h, w = ctx.input_size
-    x = torch.cat(parts) if parts else torch.zeros((0, 3, h, w), device=ctx.device)
+    x = torch.cat(parts) if parts else torch.zeros((0, ctx.channels, h, w), device=ctx.device)
     return ids, x, failed

@@ -9,6 +9,7 @@ running top-k at once, which keeps the per-batch work to a handful of tensor ope
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ class LayerReducer:
         self._means: list[torch.Tensor] = []
         self._pos: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
+        self.last: torch.Tensor | None = None
+        """The latest batch's per-image maxima (N, C), -inf for failed images: what a :class:`Tap` reads."""
 
     def __call__(self, _module, _inputs, out: torch.Tensor) -> None:
         maxima, means = out.amax(dim=(2, 3)), out.mean(dim=(2, 3))
@@ -138,7 +141,8 @@ class LayerReducer:
         n, c = torch.nonzero(maxima > self._thresh.T, as_tuple=True)
         if len(n):
             pos[n, c] = out[n, c].flatten(1).argmax(1)  # first occurrence of the maximum
-        self._maxima.append(maxima.float())
+        self.last = maxima.float()
+        self._maxima.append(self.last)
         self._means.append(means.float())
         self._pos.append(pos)
         self._ids.append(self.images)
@@ -164,6 +168,30 @@ class LayerReducer:
         self.top.load_padded({k[4:]: v for k, v in st.items() if k.startswith("top.")})
         self.stats.load_state({k[6:]: v for k, v in st.items() if k.startswith("stats.")})
         self._thresh = self.top.threshold()
+
+
+class Tap:
+    """What else a dataset pass collects from the batches it reads (the comparison of two models
+    reads per-image figures of both from the same batches).  It sees every batch once per model,
+    right after that model ran on it, with the model's reducers (each holds the batch's per-image
+    maxima in ``last``) and, when ``full_forward``, the model's output."""
+
+    full_forward = False
+    """Run each model to its output instead of stopping after the deepest selected layer."""
+
+    def attach(self, j: int, net: torch.nn.Module) -> list:
+        """Hooks on model ``j`` (their handles, removed when the pass ends)."""
+        return []
+
+    def batch(self, j: int, batch, reducers: dict[str, "LayerReducer"], output) -> None:
+        pass
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to keep in the pass's checkpoint, so a resumed pass restores them too."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
 
 
 def _stop(_module, _inputs, _out) -> None:
@@ -194,42 +222,67 @@ class TopKPass(AnalysisPass):
     def _stream(self, ctx: BuildContext, names: list[str], indices: list[int], dtype: torch.dtype | None,
                 ckpt: "Checkpoint | None" = None, label: str = "dataset pass"):
         """One pass over ``indices`` (increasing): the filled reducers and the failed images."""
-        reducers = {n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names}
-        done, failed = ckpt.restore(reducers, ctx.device) if ckpt else (0, [])
+        per_net, failed = self._stream_nets(ctx, [ctx.net], names, indices, dtype, ckpt, label)
+        return per_net[0], failed
+
+    def _stream_nets(self, ctx: BuildContext, nets: list[torch.nn.Module], names: list[str], indices: list[int],
+                     dtype: torch.dtype | None, ckpt: "Checkpoint | None" = None, label: str = "dataset pass",
+                     tap: Tap | None = None):
+        """One pass over ``indices`` (increasing), each batch decoded once and fed to every model of
+        ``nets`` in turn: a dict of filled reducers per model, and the failed images."""
+        per_net = [{n: LayerReducer(ctx.layer(n).channels, self.config.k, ctx.device) for n in names} for _ in nets]
+        flat = {(j, n): r for j, reducers in enumerate(per_net) for n, r in reducers.items()}
+        done, failed = ckpt.restore(flat, ctx.device, tap) if ckpt else (0, [])
         if done:
             progress.info(f"{label}: resuming after {done} images from a checkpoint")
         every = (ckpt.every if ckpt else 0) or WINDOW_IMAGES
+        full = tap is not None and tap.full_forward
         handles = []
         buffered = 0
         try:
-            for n in names:
-                handles.append(get_module(ctx.net, n).register_forward_hook(reducers[n]))
-            handles.append(get_module(ctx.net, names[-1]).register_forward_hook(_stop))
-            with model_guard(ctx.net), torch.inference_mode(), _autocast(ctx.device, dtype), \
-                    progress.bar(label, len(indices), "images") as advance:
+            for j, (net, reducers) in enumerate(zip(nets, per_net)):
+                for n in names:
+                    handles.append(get_module(net, n).register_forward_hook(reducers[n]))
+                if not full:
+                    handles.append(get_module(net, names[-1]).register_forward_hook(_stop))
+                if tap is not None:
+                    handles += tap.attach(j, net)
+            with contextlib.ExitStack() as stack:
+                for net in nets:
+                    stack.enter_context(model_guard(net))
+                stack.enter_context(torch.inference_mode())
+                stack.enter_context(_autocast(ctx.device, dtype))
+                advance = stack.enter_context(progress.bar(label, len(indices), "images"))
                 advance(done)
                 for batch in ctx.batches(indices=indices[done:], batch_size=self.config.batch_size):
                     failed += [(int(i), e) for i, e in zip(batch.indices, batch.errors) if e]
                     ok = None if bool(batch.ok.all()) else batch.ok.to(ctx.device)
                     ids = batch.indices.to(ctx.device)
-                    for r in reducers.values():
-                        r.images, r.ok = ids, ok
-                    run_until(ctx.net, batch.inputs)
+                    for j, (net, reducers) in enumerate(zip(nets, per_net)):
+                        for r in reducers.values():
+                            r.images, r.ok = ids, ok
+                        if full:
+                            output = net(batch.inputs)
+                        else:
+                            run_until(net, batch.inputs)
+                            output = None
+                        if tap is not None:
+                            tap.batch(j, batch, reducers, output)
                     buffered += len(ids)
                     done += len(ids)
                     if buffered >= min(WINDOW_IMAGES, every):
-                        for r in reducers.values():
+                        for r in flat.values():
                             r.flush()
                         buffered = 0
                         if ckpt:
-                            ckpt.maybe_save(reducers, done, failed)
+                            ckpt.maybe_save(flat, done, failed, tap)
                     advance(len(ids))
-                for r in reducers.values():
+                for r in flat.values():
                     r.flush()
         finally:
             for h in handles:
                 h.remove()
-        return reducers, failed
+        return per_net, failed
 
     def _choose_precision(self, ctx: BuildContext, names: list[str], shard: list[int]):
         """Reduced precision only where it keeps the same top-k: on a sample of this rank's images,
@@ -323,7 +376,7 @@ class Checkpoint:
         self.path = folder / f"rank{rank}.npz" if folder is not None and every > 0 else None
         self.every, self.last, self.shard = every, 0, tuple(int(v) for v in shard)
 
-    def restore(self, reducers: dict[str, LayerReducer], device: torch.device) -> tuple[int, list]:
+    def restore(self, reducers: dict, device: torch.device, tap: Tap | None = None) -> tuple[int, list]:
         if self.path is None or not self.path.is_file():
             return 0, []
         try:
@@ -337,12 +390,14 @@ class Checkpoint:
                 r.load_state({k.split(":", 1)[1]: torch.from_numpy(v).to(device)
                               for k, v in data.items() if k.startswith(f"L{li}:")})
             failed = [(int(i), str(m)) for i, m in zip(data["failed"], data["failed_reasons"])]
+            if tap is not None:
+                tap.load_state({k[4:]: v for k, v in data.items() if k.startswith("tap:")})
             self.last = int(data["done"][0])
             return self.last, failed
         except (OSError, ValueError, KeyError):
             return 0, []  # a damaged checkpoint: start over
 
-    def maybe_save(self, reducers: dict[str, LayerReducer], done: int, failed: list) -> None:
+    def maybe_save(self, reducers: dict, done: int, failed: list, tap: Tap | None = None) -> None:
         if self.path is None or done - self.last < self.every:
             return
         arrays = {f"L{li}:{k}": v.cpu().numpy() for li, r in enumerate(reducers.values())
@@ -351,6 +406,8 @@ class Checkpoint:
         arrays["shard"] = np.array(self.shard, dtype=np.int64)
         arrays["failed"] = np.array([i for i, _ in failed], dtype=np.int64)
         arrays["failed_reasons"] = np.array([m for _, m in failed], dtype=str)
+        if tap is not None:
+            arrays.update({f"tap:{k}": v for k, v in tap.state().items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
@@ -372,9 +429,10 @@ class ChannelTop:
     x: np.ndarray
 
 
-def channel_top(result: Result, layer: str, channel: int) -> ChannelTop:
+def channel_top(result: Result, layer: str, channel: int, prefix: str = "") -> ChannelTop:
+    """``prefix`` ``"old."`` reads the old model's top-k from a comparison build's result."""
     li = result.meta["layers"].index(layer)
     a = result.arrays
-    valid = np.isfinite(a[f"L{li}.values"][channel])  # fewer usable images than k leaves -inf slots
-    pick = lambda key: a[f"L{li}.{key}"][channel][valid]  # noqa: E731
+    valid = np.isfinite(a[f"{prefix}L{li}.values"][channel])  # fewer usable images than k leaves -inf slots
+    pick = lambda key: a[f"{prefix}L{li}.{key}"][channel][valid]  # noqa: E731
     return ChannelTop(pick("values"), pick("images"), pick("y"), pick("x"))

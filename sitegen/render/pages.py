@@ -90,3 +90,13 @@ class RenderOptions:
 def relative_root(path: str) -> str:
     depth = path.count("/")
     return "../" * depth
+
+
+SANITY_PAGE = "sanity.html"
+
+
+def sanity_url(layer: str | None = None, method: str | None = None) -> str:
+    """The sanity page ("Can I trust these pictures?"), or a layer's row in a method's table there."""
+    if layer is None:
+        return SANITY_PAGE if method is None else f"{SANITY_PAGE}#{method}"
+    return f"{SANITY_PAGE}#{method or 'm'}-{slug(layer)}"

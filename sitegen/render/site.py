@@ -20,7 +20,8 @@ import numpy as np
 from .. import __version__, progress
 from ..context import BuildContext
 from ..crops import PixelCache, crop_box, display_box
-from ..images import load_pixels, shown
+from ..images import display_pixels, shown
+from ..layers import ReceptiveField
 from ..passes.base import Result
 from ..passes.topk import channel_top
 from .pages import (Page, RenderOptions, channel_url, class_anchor, class_url, layer_url, relative_root,
@@ -95,7 +96,7 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
             })
         layers.append({
             "name": info.name, "kind": info.kind, "shape": list(info.shape),
-            "receptive_field": {"size": info.rf.size, "stride": info.rf.stride, "offset": info.rf.offset},
+            "receptive_field": info.rf.to_json(),
             "stage": info.stage, "block": info.block, "caffe": info.caffe, "branch": info.branch,
             "channels": channels,
         })
@@ -106,9 +107,10 @@ def collect_atlas(ctx: BuildContext, topk: Result) -> dict[str, Any]:
                   "weights_sha256": ctx.model.weights_hash, "num_classes": ctx.model.num_classes},
         "data": {"images": len(ctx.images), "used": len(ctx.images) - len(failed),
                  "classes": [shown(c) for c in ctx.images.classes], "skipped": skipped,
-                 "input_size": list(ctx.input_size),
+                 "input_size": list(ctx.input_size), "channels": ctx.channels,
                  "mean": list(ctx.config.data.mean), "std": list(ctx.config.data.std),
-                 "resize": ctx.config.data.resize, "crop": ctx.config.data.crop},
+                 "resize": ctx.config.data.resize, "crop": ctx.config.data.crop,
+                 "notes": [shown(n) for n in (*ctx.images.notes, *ctx.input_notes)]},
         "k": topk.meta["k"],
         "layers": layers,
     }
@@ -119,15 +121,35 @@ def _neighbours(ctx: BuildContext, layer_index: int) -> list[dict[str, Any]]:
     info = ctx.layers[layer_index]
     if not info.stage:
         return []
-    prefix = f"{info.stage}.{info.block}"
-    suffix = info.name[len(prefix):]
+    # Each block's module name, by its index in the stage (RegNet's blocks are ``block2-0``, ...).
+    owners = {l.block: l.name for l in ctx.all_layers if l.kind == "block" and l.stage == info.stage}
+    if info.block not in owners:
+        return []
+    suffix = info.name[len(owners[info.block]):]
     out = []
     for other in ctx.layers:
-        if other.stage == info.stage and other.name == f"{other.stage}.{other.block}{suffix}" \
+        if other.stage == info.stage and other.block in owners and other.name == f"{owners[other.block]}{suffix}" \
                 and other.channels == info.channels:
             out.append({"name": other.name, "caffe": other.caffe, "block": other.block,
                         "current": other.name == info.name})
     return out if len(out) > 1 else []
+
+
+def field_text(rf: dict[str, int]) -> str:
+    """A layer's field in words for the tables: ``35 px, stride 8``, ``whole image (pooled)``."""
+    return ReceptiveField(**rf).describe()
+
+
+def field_context(rf: dict[str, int]) -> dict[str, Any]:
+    """What the layer and channel pages say about a layer's field and its patches."""
+    f = ReceptiveField(**rf)
+    if f.pooled:
+        return {"pooled": True, "text": f.describe(), "box": "", "note": "",
+                "crop": "whole (the layer runs on a globally pooled map: one value per channel and image)"}
+    note = "" if f.size == f.size_x else \
+        f" The field is {f.size_x} px wide and {f.size} px high; the patch is the square around it."
+    return {"pooled": False, "text": f.describe(), "box": f"{f.size_x}×{f.size} px", "note": note,
+            "crop": "cropped to the receptive field"}
 
 
 def dull_channels(channels: list[dict[str, Any]], ratio: float) -> list[int]:
@@ -153,7 +175,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         dead = [ch["channel"] for ch in layer["channels"] if ch["stats"]["max"] <= 0]
         dull = dull_channels(layer["channels"], ctx.config.site.dull_ratio)
         layer_rows.append({**{key: layer[key] for key in ("name", "kind", "shape", "caffe", "stage")},
-                           "rf": layer["receptive_field"], "url": layer_url(layer["name"]),
+                           "rf": layer["receptive_field"], "rf_text": field_text(layer["receptive_field"]),
+                           "url": layer_url(layer["name"]),
                            "dead": len(dead), "dull": len(dull), "channels": layer["shape"][0]})
         if dead:
             dead_rows.append({"name": layer["name"], "url": layer_url(layer["name"]), "count": len(dead),
@@ -167,6 +190,8 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
         "model": atlas["model"], "data": atlas["data"], "layers": layer_rows, "dead": dead_rows, "k": k,
         "dull": dull_rows, "dull_ratio": ctx.config.site.dull_ratio,
         "views": nav, "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
+        "partials": [v.index_partial for v in views if v.index_partial],
+        "extras": {v.name: v.index_context(ctx, atlas, results) for v in views if v.index_partial},
     }, title=opts.title))
     for v in views:
         pages.extend(v.pages(ctx, atlas, results, opts))
@@ -180,22 +205,26 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
                   "dull": ch["channel"] in dull,
                   "max": ch["stats"]["max"], "fire_rate": ch["stats"]["fire_rate"]} for ch in layer["channels"]]
         crumbs = [("index.html", "atlas")]
+        field = field_context(layer["receptive_field"])
         paging = tile_pages(name, n)
         for part in paging:
             shown_range = "" if part["number"] == 1 else f" channels {part['first']}–{part['last']}"
             pages.append(Page(part["path"], "layer.html", {
                 "layer": layer, "tiles": tiles[part["first"]:part["last"] + 1], "k": k, "patch": opts.patch_size,
+                "field": field,
                 "tile_scale": 1 / 3, "paging": [{**q, "current": q is part,
                                                  "rel": {-1: "prev", 1: "next"}.get(q["number"] - part["number"])}
                                                 for q in paging],
                 "neighbours": [{**nb, "url": f"../{slug(nb['name'])}/index.html"} for nb in neighbours],
+                "partials": [v.layer_partial for v in views if v.layer_partial],
+                "extras": {v.name: v.layer_context(ctx, atlas, results, li) for v in views if v.layer_partial},
             }, title=f"{name}{shown_range} · {opts.title}", crumbs=crumbs))
         for ch in layer["channels"]:
             c = ch["channel"]
             cells = [{**e, "col": j, "name": e["image"].rsplit("/", 1)[-1]} for j, e in enumerate(ch["top"])]
             pages.append(Page(channel_url(name, c), "channel.html", {
                 "layer": {key: layer[key] for key in ("name", "kind", "shape", "caffe", "receptive_field")},
-                "channel": c, "channels": n, "cells": cells, "stats": ch["stats"], "k": k,
+                "channel": c, "channels": n, "cells": cells, "stats": ch["stats"], "k": k, "field": field,
                 "patch": opts.patch_size, "sprite": sprite_url(name, c, fmt).split("/")[-1],
                 "sprite_dir": f"../../img/{slug(name)}/",
                 "prev": f"{c - 1}.html" if c > 0 else None,
@@ -216,7 +245,7 @@ def sprite_jobs(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: Rende
     """One job per channel, each drawing that channel's sprite: row 0 the top-k receptive-field
     patches (plus rows from other passes)."""
     # Decoded images are cached per process: each worker gets its share of the budget.
-    pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data),
+    pixels = PixelCache(lambda i: display_pixels(ctx.images, i, ctx.config.data),
                         budget_bytes=max(64 << 20, (512 << 20) // workers.resolve(opts.workers)))
 
     def draw(li: int, layer: dict[str, Any], ch: dict[str, Any]) -> int:
@@ -310,12 +339,21 @@ def write_search_index(out: Path, atlas: dict[str, Any], pages: list[Page], site
     dest.write_text(js_assign("SITEGEN_SEARCH", search_index(atlas, pages, site_title)), encoding="utf-8")
 
 
+ASSET_SUFFIXES = (".css", ".js", ".svg", ".png")
+
+
+def asset_files() -> list[str]:
+    """The files :func:`copy_assets` writes under ``assets/`` (paths relative to the site): known
+    before any work, so a --force folder holding one of them is refused at once."""
+    return sorted(f"assets/{f.name}" for f in (templates_dir() / "assets").iterdir() if f.suffix in ASSET_SUFFIXES)
+
+
 def copy_assets(out: Path) -> None:
     src = templates_dir() / "assets"
     dest = out / "assets"
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.suffix in (".css", ".js", ".svg", ".png"):
+        if f.suffix in ASSET_SUFFIXES:
             shutil.copyfile(f, dest / f.name)
     (out / ".nojekyll").write_text("", encoding="utf-8")  # GitHub Pages: serve every file as is
 

@@ -58,8 +58,10 @@ def small_settings() -> dict[str, Any]:
     return out
 
 
-def build_small_atlas(out: Path, work: Path, cache: Path, **site: Any) -> Path:
-    """Build the atlas into ``out`` (work files under ``work``, pass results cached in ``cache``)."""
+def build_small_atlas(out: Path, work: Path, cache: Path, compare: bool = False, **site: Any) -> Path:
+    """Build the atlas into ``out`` (work files under ``work``, pass results cached in ``cache``).
+    With ``compare``, a comparison build against an older checkpoint (``older_checkpoint``): every
+    pass of the new model comes from the cache of the plain build."""
     from sitegen.build import build
     from sitegen.config import from_dict
 
@@ -75,7 +77,26 @@ def build_small_atlas(out: Path, work: Path, cache: Path, **site: Any) -> Path:
         checkpoint, images = assets.checkpoint, assets.images
         model = {"arch": assets.arch}
         data = {"mean": list(assets.mean), "std": list(assets.std)}
+    extra = {"compare": {"checkpoint": str(older_checkpoint(checkpoint, work))}} if compare else {}
     cfg = from_dict({"model": model, "data": data, "layers": LAYERS,
-                     "site": {"title": TITLE, **site}, **small_settings()})
+                     "site": {"title": TITLE, **site}, **small_settings(), **extra})
     build(checkpoint, images, out, cfg, cache_dir=cache)
     return out
+
+
+def older_checkpoint(checkpoint: Path, work: Path) -> Path:
+    """The "old" model of the comparison build: the same weights plus seeded noise (5 % of each
+    weight tensor's standard deviation; BatchNorm's running statistics kept), so channels, top images
+    and some predictions differ."""
+    import torch
+
+    from sitegen.model_loading import extract, read_checkpoint
+
+    path = work / "older.pt"
+    if not path.is_file():
+        sd = extract(read_checkpoint(checkpoint), checkpoint.name)
+        g = torch.Generator().manual_seed(0)
+        noisy = {k: v + 0.05 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=g)
+                 if v.is_floating_point() and v.numel() > 1 and "running_" not in k else v for k, v in sd.items()}
+        torch.save(noisy, path)
+    return path

@@ -390,3 +390,92 @@ def test_image_pages_have_stable_names_and_walk(browser, base, site: Path):
         assert re.search(r"/images/[A-Za-z0-9._-]+-[0-9a-f]{8}\.html$", page.url), page.url
         check_images(page)
     watch.check()
+
+
+def test_sanity_page_and_lines_beside_the_method_switch(browser, base):
+    """A channel page carries one sanity line per method beside the switch, linking to the sanity
+    page, whose charts (static SVG through <img>) are visible and inside the screen at 390 px and
+    1280 px, from file:// and over HTTP, with no console error."""
+    page, watch = new_page(browser, base)
+    tag = mode(base)
+    page.goto(base + "layers/layer1.0/3.html")
+    lines = page.locator("#attribution .sanity-lines li")
+    assert lines.count() == len(SMALL.small_settings()["attribution"]["methods"])
+    assert "weights" in lines.first.inner_text() and "images" in lines.first.inner_text()
+    page.locator("#attribution .sanity-lines li a").first.click()
+    page.wait_for_url(re.compile(r"/sanity\.html#guided-layer1\.0$"))
+    assert page.locator("tr#guided-layer1\\.0").count() == 1
+    assert page.title().startswith("Can I trust these pictures?")
+    assert check_images(page) >= 1
+    for label, viewport in (("1280", DESKTOP), ("390", PHONE)):
+        page.set_viewport_size(viewport)
+        page.wait_for_timeout(50)
+        box = page.evaluate("""() => { const img = document.querySelector('.sanity-chart img');
+            img.scrollIntoView(); const r = img.getBoundingClientRect();
+            return {w: r.width, h: r.height, left: r.left, right: r.right, natural: img.naturalWidth}; }""")
+        assert box["natural"] > 0 and box["w"] > 200 and box["h"] > 90, (label, box)
+        assert box["left"] >= 0 and box["right"] <= viewport["width"] + 1, (label, box)
+        if label == "390":
+            check_fits(page, PHONE["width"])
+    screenshot(page, f"{tag}-7-sanity")
+    page.goto(base + "layers/layer1.0/index.html")
+    assert page.locator(".sanity-lines li").count() >= 1
+    watch.check()
+
+
+# ------------------------------------------------------------------ a comparison build
+
+@pytest.fixture(scope="session")
+def compare_site(tmp_path_factory) -> Path:
+    """The small atlas compared with a noisy copy of its model (every new-model pass from the cache)."""
+    base = tmp_path_factory.getbasetemp()
+    out = tmp_path_factory.mktemp("e2e-compare") / "atlas"
+    return SMALL.build_small_atlas(out, base / "small-atlas-work", base / "sitegen-pass-cache", compare=True)
+
+
+def test_comparison_pages_load_cleanly(browser, compare_site: Path):
+    """index → changes.html → a layer sorted by change → a channel with the old top-k row → the layer
+    page → an image whose prediction changed → both t-SNE maps; from file:// only (the pages use the
+    same relative links as every other page, which the walk above checks over HTTP)."""
+    base = compare_site.as_uri() + "/"
+    page, watch = new_page(browser, base)
+    page.goto(base + "index.html")
+    page.click('a.view-link[href$="changes.html"]')
+    page.wait_for_url(re.compile(r"/changes\.html$"))
+    check_images(page)
+    assert page.locator("table.changes tbody tr").count() == len(SMALL.LAYERS)
+    screenshot(page, "compare-1-changes")
+
+    page.locator("table.changes tbody tr").first.locator('a:text-is("sorted by change")').click()
+    page.wait_for_url(re.compile(r"/layers/[^/]+/by-change\.html$"))
+    tiles = page.locator("a.tile").count()
+    assert tiles > 0 and check_images(page) == 2 * tiles  # the new and the old strip of every tile
+    screenshot(page, "compare-2-by-change")
+
+    page.locator("a.tile").first.click()
+    page.wait_for_url(re.compile(r"/layers/[^/]+/\d+\.html$"))
+    section = page.locator("section#compare")
+    assert section.is_visible() and section.locator("img.patch").count() >= 1
+    check_images(page)
+    screenshot(page, "compare-3-channel")
+
+    page.click('nav.crumbs a:nth-of-type(2)')  # the channel's layer
+    page.wait_for_url(re.compile(r"/layers/[^/]+/index\.html(#c\d+)?$"))
+    assert page.locator("section#compare").is_visible()
+    check_images(page)
+    watch.check()
+
+    page.goto(base + "changes.html")
+    changed = page.locator("a.changed-image")
+    if changed.count():
+        changed.first.click()
+        page.wait_for_url(re.compile(r"/images/[^/]+\.html$"))
+        assert "Prediction changed" in page.locator("main").inner_text()
+        check_images(page)
+        screenshot(page, "compare-4-image")
+    page.goto(base + "changes-tsne.html")
+    assert page.locator("svg.tsne-scatter").count() == 2
+    screenshot(page, "compare-5-codes")
+    watch.check()
+    if not changed.count():
+        pytest.skip("the noisy copy changed no prediction: the image page was not visited")

@@ -13,7 +13,7 @@ from sitegen.config import AttributionConfig, from_dict
 from sitegen.errors import ConfigError
 from sitegen.images import load_pixels, normalise
 from sitegen.passes import default_passes
-from sitegen.passes.attribution import AttributionPass, plan_layer, unit_crops
+from sitegen.passes.attribution import AttributionPass, activation_report, plan_layer, unit_crops
 from sitegen.passes.base import Result
 from sitegen.passes.topk import TopKPass, channel_top
 from sitegen.crops import crop_box, display_box, resize_square
@@ -79,6 +79,14 @@ def test_windows_cross_the_border_and_attributions_are_not_blank(built):
             crops = result.arrays[f"L{li}.{method}"]
             # Top units respond strongly, so (nearly) every attribution has some non-grey pixel.
             assert (crops.reshape(crops.shape[0] * K, -1) != 128).any(axis=1).mean() > 0.9, (layer, method)
+
+
+def test_meta_lists_the_activations_the_rules_meet(built):
+    """ResNet-20 calls F.relu 19 times (stem, two per block); every kind has its rule, no layer is affected."""
+    _, result = built
+    report = activation_report(result)
+    assert [(k.kind, k.calls, k.count, k.ruled) for k in report.kinds] == [("relu", ("F.relu",), 19, True)]
+    assert report.affected == {}
 
 
 def test_result_saves_and_loads_without_pickle(built, tmp_path):

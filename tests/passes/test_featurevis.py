@@ -196,14 +196,14 @@ def test_pass_on_a_tiny_model(tmp_path, tiny_checkpoint, make_images, paths):
     assert np.abs(whole.images.astype(int) - a["L1.images"].astype(int)).max() <= 1
     # Stored objectives: each channel's mean activation on its stored image, recomputed independently.
     x = torch.from_numpy(a["L1.images"]).float().div(255).permute(0, 3, 1, 2)
-    x = (x - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    x = (x - torch.tensor(ctx.config.data.mean).view(1, 3, 1, 1)) / torch.tensor(ctx.config.data.std).view(1, 3, 1, 1)
     with model_guard(ctx.net), torch.no_grad(), capture_outputs(ctx.net, ["conv2"]) as store:
         run_until(ctx.net, x)
     own = store["conv2"].mean(dim=(2, 3))[torch.arange(5), torch.arange(5)].numpy()
     np.testing.assert_allclose(a["L1.objective"], own, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         logits = ctx.net((torch.from_numpy(a["classes.images"]).float().div(255).permute(0, 3, 1, 2)
-                          - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1))
+                          - torch.tensor(ctx.config.data.mean).view(1, 3, 1, 1)) / torch.tensor(ctx.config.data.std).view(1, 3, 1, 1))
     np.testing.assert_allclose(a["classes.objective"], logits[torch.arange(3), torch.arange(3)].numpy(), rtol=1e-4, atol=1e-5)
     assert list(fv.never_excited(result, 1)) == [int(c) for c in np.nonzero(a["L1.objective"] <= 0)[0]]
 

@@ -97,6 +97,10 @@ def resolve(site: Path, page: Path, url: str) -> tuple[Path | None, str]:
 # ------------------------------------------------------------------ the small atlas
 
 def test_every_reference_of_every_page_resolves(small_site: Path):
+    check_references(small_site)
+
+
+def check_references(small_site: Path) -> None:
     pages = sorted(small_site.rglob("*.html"))
     assert len(pages) > 100
     ids: dict[Path, set[str]] = {}
@@ -119,6 +123,37 @@ def test_every_reference_of_every_page_resolves(small_site: Path):
                 anchors.append(f"{page.relative_to(small_site)}: {url}")
     assert not missing, f"{len(missing)} broken references, e.g. {missing[:5]}"
     assert not anchors, f"{len(anchors)} links to missing anchors, e.g. {anchors[:5]}"
+
+
+@pytest.fixture(scope="session")
+def compare_site(tmp_path_factory) -> Path:
+    """The small atlas compared with an older checkpoint (tests/e2e/small_atlas.py)."""
+    base = tmp_path_factory.getbasetemp()
+    return SMALL.build_small_atlas(tmp_path_factory.mktemp("site-compare") / "atlas", base / "small-atlas-work",
+                                   base / "sitegen-pass-cache", compare=True)
+
+
+def test_comparison_atlas_references_resolve_and_plain_atlas_has_no_comparison(small_site: Path, compare_site: Path):
+    check_references(compare_site)
+    atlas = json.loads((compare_site / "data" / "atlas.json").read_text(encoding="utf-8"))
+    section = atlas["compare"]
+    assert section["old"]["checkpoint"] == "older.pt" and not section["nothing_changed"]
+    assert [l["name"] for l in section["layers"]] == SMALL.LAYERS
+    assert sorted(section["ranking"]) == sorted(SMALL.LAYERS)
+    for layer in section["layers"]:
+        assert len(layer["channels"]) == len(next(l for l in atlas["layers"] if l["name"] == layer["name"])["channels"])
+        assert (compare_site / "layers" / layer["name"] / "by-change.html").is_file()
+    for name in ("changes.html", "changes-tsne.html"):
+        html = (compare_site / name).read_text(encoding="utf-8")
+        assert "e2e &lt;atlas&gt; &amp; " in html  # the title, escaped
+    # Every new-model file is the plain build's, byte for byte, but the pages that link the comparison.
+    differ = [p.relative_to(small_site).as_posix() for p in small_site.rglob("*") if p.is_file()
+              and p.read_bytes() != (compare_site / p.relative_to(small_site)).read_bytes()]
+    assert all(d.endswith(".html") or d.startswith("data/") or d == ".sitegen-atlas.json" for d in differ), differ[:5]
+    # A build without --compare carries nothing of it.
+    assert "compare" not in json.loads((small_site / "data" / "atlas.json").read_text(encoding="utf-8"))
+    assert not (small_site / "changes.html").exists() and not list(small_site.rglob("*.old.*"))
+    assert not list(small_site.rglob("by-change*.html")) and not list(small_site.rglob("*.fv-old.png"))
 
 
 def test_every_page_has_the_shared_head_and_the_search_box(small_site: Path):
@@ -224,9 +259,11 @@ def test_a_class_leads_to_its_own_page_else_its_index_anchor(tmp_path):
     (tmp_path / "site").mkdir()
     home = Page("index.html", "index.html", {
         "model": {"checkpoint": "m.pt", "arch": "a", "num_classes": 3, "weights_sha256": "0" * 64},
-        "data": {"used": 3, "images": 3, "input_size": [8, 8], "classes": atlas["data"]["classes"], "skipped": []},
+        "data": {"used": 3, "images": 3, "input_size": [8, 8], "classes": atlas["data"]["classes"], "skipped": [],
+                 "channels": 3, "resize": 0, "crop": 0, "mean": [0.5], "std": [0.5], "notes": []},
         "classes": [{"name": c, "id": class_anchor(c)} for c in atlas["data"]["classes"]],
-        "layers": [], "dead": [], "dull": [], "dull_ratio": 0.1, "k": 1, "views": []}, title="t")
+        "layers": [], "dead": [], "dull": [], "dull_ratio": 0.1, "k": 1, "views": [], "partials": [],
+        "extras": {}}, title="t")
     write_pages([home], tmp_path / "site", "t")
     refs = parse(tmp_path / "site" / "index.html")
     for c in index["classes"]:

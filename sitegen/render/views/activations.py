@@ -84,6 +84,7 @@ class ActivationsView(View):
                     "src": f"../{picture_path(n, li)}", "peak": float(max(mx.max(), 0.0)),
                     "never": len(never), "never_list": never[:LISTED].tolist(), "channels": len(mx),
                     "pooled": list(a[f"L{li}.maps"].shape[2:]) if list(a[f"L{li}.maps"].shape[2:]) != shape[1:] else None,
+                    "global_pool": ctx.layer(name).kind == "pooled",
                 })
             rel = rels[s]
             pages.append(Page(activations_url(rel), "activations_image.html", {

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...layers import LayerInfo
-from ...passes.attribution import unit_crops
-from ..pages import Page, RenderOptions, channel_url, slug, sprite_url
+from ...passes.attribution import activation_report, unit_crops
+from ..pages import Page, RenderOptions, channel_url, layer_url, slug, sprite_url
 from .base import View
+from .sanity import figures_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...context import BuildContext
@@ -38,12 +39,16 @@ FIRST_ROW = 1
 
 LABELS = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
 NOTES = {
-    "guided": "Guided backpropagation (Springenberg et al. 2015): at every ReLU the gradient passes only "
-              "where the forward input was positive and the gradient itself is positive.",
-    "deconvnet": "Deconvnet (Zeiler & Fergus 2014): at every ReLU the gradient is rectified (its negative "
-                 "part dropped), whatever the forward input was.",
+    "guided": "Guided backpropagation (Springenberg et al. 2015): at every activation the gradient arriving "
+              "from above is rectified (its negative part dropped), then multiplied by the activation's "
+              "slope at its forward input; at a ReLU it passes only where the forward input was positive "
+              "and the gradient itself is positive.",
+    "deconvnet": "Deconvnet (Zeiler & Fergus 2014): at every activation the gradient is rectified, whatever "
+                 "the forward input was.",
     "gradient": "Gradient: the plain gradient of the unit with respect to the input pixels.",
 }
+RULED = ("guided", "deconvnet")
+"""The methods with backward rules at activations (the gradient has none to miss)."""
 
 
 def normalisation_note(percentile: float, window: int | None = None, side: int | None = None) -> str:
@@ -123,9 +128,20 @@ def _branch_caffe(ctx: "BuildContext", block: LayerInfo) -> str:
     return f"{block.caffe}_branch2{'abcdefghijklmnopqrstuvwxyz'[len(convs) - 1]}"
 
 
+def unruled_kinds(r: "Result", layers: list[str]) -> list[str]:
+    """The kinds without a rule on the path to any of ``layers`` (in the report's order); none when
+    no method with rules was computed."""
+    if not set(RULED) & set(r.meta["methods"]):
+        return []
+    report = activation_report(r)
+    found = {k for name in layers for k in report.affected.get(name, ())}
+    return [k for k in report.unruled if k in found]
+
+
 class AttributionView(View):
     name = "attribution"
     channel_partial = "_channel_attribution.html"
+    index_partial = "_index_attribution.html"
 
     def __init__(self) -> None:
         self._stages: tuple[int, list[Stage]] | None = None
@@ -163,7 +179,18 @@ class AttributionView(View):
             link = {"url": f"stages/{stage.slug}/{c}.html", "stage": stage.stage, "caffe": stage.caffe}
         return {"methods": self._methods(results), "default_row": FIRST_ROW,
                 "normalisation": normalisation_note(r.meta["percentile"], r.meta["windows"][i], r.meta["sides"][i]),
-                "stage": link}
+                "stage": link, "unruled": unruled_kinds(r, [layer]),
+                # Beside the method switch: how far each method's pictures of this layer can be trusted.
+                "sanity": figures_for(results, layer)}
+
+    def index_context(self, ctx: "BuildContext", atlas: dict, results: dict) -> dict[str, Any]:
+        r = results["attribution"]
+        report = activation_report(r)
+        return {"kinds": [k.to_dict() for k in report.kinds],
+                "ruled_methods": [LABELS[m] for m in r.meta["methods"] if m in RULED],
+                "unruled": report.unruled if set(RULED) & set(r.meta["methods"]) else [],
+                "affected": [{"name": name, "url": layer_url(name), "kinds": list(kinds)}
+                             for name, kinds in report.affected.items()]}
 
     # -------------------------------------------------------------- stage views
 
@@ -187,9 +214,11 @@ class AttributionView(View):
         by_name = {l["name"]: l for l in atlas["layers"]}
         r = results["attribution"]
         for s in stages:
+            # The sanity figures of the stage's last block (the deepest pictures on the page).
+            sanity = figures_for(results, s.blocks[-1].name)
             for c in range(s.width):
                 pages.append(Page(f"stages/{s.slug}/{c}.html", "stage.html",
-                                  self._stage_context(s, c, by_name, r, atlas["k"], opts),
+                                  {**self._stage_context(s, c, by_name, r, atlas["k"], opts), "sanity": sanity},
                                   title=f"{s.stage}:{c} · {opts.title}",
                                   crumbs=crumbs + [("stages/index.html", "residual stages")]))
         return pages
@@ -220,7 +249,9 @@ class AttributionView(View):
         sizes = [(r.meta["windows"][i], r.meta["sides"][i]) for i, name in enumerate(r.meta["layers"])
                  if name in {b["name"] for b in blocks} | {b["branch"]["name"] for b in blocks if b["branch"]}]
         shrunk = [(w, side) for w, side in sizes if side < w]
+        shown_layers = [b["name"] for b in blocks] + [b["branch"]["name"] for b in blocks if b["branch"]]
         return {"stage": s.stage, "caffe": s.caffe, "width": s.width, "channel": c, "k": k,
+                "unruled": unruled_kinds(r, shown_layers),
                 "cell": max(16, opts.patch_size // 2), "blocks": blocks,
                 "left_out": [{"name": b.name, "channels": b.channels} for b in s.left_out],
                 "methods": self._methods({"attribution": r}), "default_row": FIRST_ROW,

@@ -18,6 +18,12 @@ class View:
     channel_partial: str | None = None
     """Template (e.g. ``_channel_attribution.html``) included on every channel page, given
     ``page.extras[name]``; None for views without channel-page content."""
+    layer_partial: str | None = None
+    """Template included on every layer page above its tiles, given ``page.extras[name]`` (from
+    ``layer_context``); None for views without layer-page content."""
+    index_partial: str | None = None
+    """Template included on the atlas's index page below the layer table, given
+    ``page.extras[name]``; None for views without index-page content."""
 
     def available(self, results: dict[str, "Result"]) -> bool:
         """False when the passes this view reads did not run (the view is then left out)."""
@@ -32,6 +38,12 @@ class View:
         return []
 
     def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
+        return {}
+
+    def layer_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int) -> dict[str, Any]:
+        return {}
+
+    def index_context(self, ctx: "BuildContext", atlas: dict, results: dict) -> dict[str, Any]:
         return {}
 
     def pages(self, ctx: "BuildContext", atlas: dict, results: dict, opts: "RenderOptions") -> list["Page"]:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import ImageError
-from ...images import load_pixels
+from ...images import display_pixels
 
 DISPLAY = 192
 """Images are shown at least this many CSS pixels wide (CIFAR's 32 px are enlarged, pixelated)."""
@@ -90,7 +90,7 @@ def save_png(arr: np.ndarray, path: Path) -> int:
 def safe_pixels(ctx, n: int) -> np.ndarray:
     """The preprocessed image ``n``; a grey square if it can no longer be read (the site still builds)."""
     try:
-        return load_pixels(ctx.images, n, ctx.config.data)
+        return display_pixels(ctx.images, n, ctx.config.data)
     except ImageError:
         h, w = ctx.input_size
         return np.full((h, w, 3), 128, dtype=np.uint8)

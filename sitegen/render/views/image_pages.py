@@ -1,7 +1,8 @@
 """A page per image that a whole-model view looks at (``images/<name>.html``, see ``image_name``).
 
 The images are the occlusion and activation samples and the t-SNE points (so the scatter's points
-open a page), bounded by ``samples.max_images`` + ``tsne.max_points``.  Each page shows the image,
+open a page), bounded by ``samples.max_images`` + ``tsne.max_points``, and in a comparison build the
+images the changes page lists as having changed their prediction (``compare.changed_images``).  Each page shows the image,
 its label and top-5 predictions, and whatever the views know about it: occlusion heatmaps (with
 colour bars and a class legend), a link to its activation maps, its place in the t-SNE map.
 """
@@ -14,6 +15,8 @@ from typing import Any
 from ..pages import Page, layer_url
 from .activations import activations_url
 from .base import View
+from .compare import changed_predictions, image_compare_context
+from .compare import usable as compare_usable
 from .image_files import display_factor, image_url, picture_url, safe_pixels, save_jpeg, top_list, usable
 from .occlusion import occlusion_context
 
@@ -21,18 +24,20 @@ class ImagePagesView(View):
     name = "image_pages"
 
     def available(self, results: dict) -> bool:
-        return any(usable(results, n) for n in ("occlusion", "activations", "tsne"))
+        return any(usable(results, n) for n in ("occlusion", "activations", "tsne")) or compare_usable(results)
 
-    def image_ids(self, results: dict) -> list[int]:
+    def image_ids(self, results: dict, images) -> list[int]:
         ids: set[int] = set()
         for n in ("occlusion", "activations", "tsne"):
             if usable(results, n):
                 ids.update(int(i) for i in results[n].arrays["images"])
+        ids.update(changed_predictions(results, images))  # a comparison build's changed predictions
         return sorted(ids)
 
     def pages(self, ctx, atlas: dict, results: dict, opts) -> list:
 
-        ids = self.image_ids(results)
+        ids = self.image_ids(results, ctx.images)
+        changed = changed_predictions(results, ctx.images, listed=False)
         occ = _index(results, "occlusion")
         act = _index(results, "activations")
         tsne = _index(results, "tsne")
@@ -64,6 +69,9 @@ class ImagePagesView(View):
                                    "agree_codes": float(r.arrays["agree_codes"][j]), "k": r.meta["neighbours"]}
             if n in act:
                 context["activations"] = {"url": f"../{activations_url(rel)}"}
+            compared = image_compare_context(results, n, changed)
+            if compared is not None:
+                context["compare"] = compared
             pages.append(Page(urls[pos], "image_page.html", context, title=f"{rel} · {opts.title}",
                               crumbs=[("index.html", "atlas")]))
         return pages
@@ -73,7 +81,7 @@ class ImagePagesView(View):
         def image(n: int) -> None:
             save_jpeg(safe_pixels(ctx, n), out / picture_url(ctx.images.records[n].rel))
 
-        return [functools.partial(image, n) for n in self.image_ids(results)]
+        return [functools.partial(image, n) for n in self.image_ids(results, ctx.images)]
 
 
 def _index(results: dict, name: str) -> dict[int, int]:

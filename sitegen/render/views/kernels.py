@@ -1,5 +1,5 @@
 """Kernel mosaics: ``kernels/index.html`` (the first convolution's filters as RGB pictures, as in
-the Chu et al. and CS231n figures) and ``kernels/<layer>/<p>.html`` (every filter of a convolution as
+the Chu et al. and CS231n figures, or grey pictures for a model that reads grey images) and ``kernels/<layer>/<p>.html`` (every filter of a convolution as
 a row of grey kernels, one per input channel: "one filter = one kernel per input channel, summed").
 
 Normalisation, documented on the pages and checked by the tests (v in [0, 1], stored as
@@ -42,15 +42,16 @@ def to_uint8(v: np.ndarray) -> np.ndarray:
 
 
 def rgb_tiles(weight: np.ndarray, each: bool) -> np.ndarray:
-    """(out, kh, kw, 3) uint8 pictures of filters with 3 input channels (RGB), each filter scaled on
-    its own (``each``) or all on the layer's scale."""
+    """(out, kh, kw, 3) uint8 pictures of filters with 3 input channels (RGB), or with 1 (a grey
+    input: drawn in grey), each filter scaled on its own (``each``) or all on the layer's scale."""
     w = weight.astype(np.float64)
     if each:
         peaks = np.abs(w).reshape(len(w), -1).max(1)
         tiles = np.stack([signed_unit(f, p) for f, p in zip(w, peaks)])
     else:
         tiles = signed_unit(w, float(np.abs(w).max()) if w.size else 0.0)
-    return to_uint8(tiles.transpose(0, 2, 3, 1))
+    tiles = to_uint8(tiles.transpose(0, 2, 3, 1))
+    return np.repeat(tiles, 3, axis=3) if tiles.shape[3] == 1 else tiles
 
 
 def tile_scale(kernel: int, target: int = 24) -> int:
@@ -104,7 +105,7 @@ class KernelsView(View):
         first = None
         if "first.weight" in a:
             w = a["first.weight"]
-            first = {"name": m["first"], "shape": list(w.shape), "rgb": w.shape[1] == 3,
+            first = {"name": m["first"], "shape": list(w.shape), "rgb": w.shape[1] == 3, "grey": w.shape[1] == 1,
                      "each": "../img/kernels/first-each.png", "shared": "../img/kernels/first-shared.png",
                      "peak": float(np.abs(w).max())}
         layers, pages = [], []
@@ -142,7 +143,7 @@ class KernelsView(View):
 
         def first() -> None:
             save_png(greybar(), out / "img/kernels/greybar.png")
-            if "first.weight" in a and a["first.weight"].shape[1] == 3:
+            if "first.weight" in a and a["first.weight"].shape[1] in (1, 3):
                 w = a["first.weight"]
                 columns = math.ceil(math.sqrt(len(w)))
                 scale = max(1, 48 // max(w.shape[2], w.shape[3]))  # first-layer filters ~48 px: the figure
