@@ -3,6 +3,7 @@ a job's error raised in the parent."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def _files(site: Path) -> dict[str, bytes]:
     return {p.relative_to(site).as_posix(): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
 
 
-def test_the_site_is_byte_identical_on_one_and_on_three_processes(tmp_path_factory):
+def test_the_site_is_byte_identical_on_one_and_on_three_processes_or_threads(tmp_path_factory, monkeypatch):
     small = _small_atlas_module()
     base = tmp_path_factory.getbasetemp()
     work, cache = base / "small-atlas-work", base / "sitegen-pass-cache"  # shared with test_site.py
@@ -34,6 +35,50 @@ def test_the_site_is_byte_identical_on_one_and_on_three_processes(tmp_path_facto
     assert len(a) > 200 and any(k.endswith(".webp") for k in a) and any(k.endswith(".fv.png") for k in a)
     different = [k for k in a if a[k] != b[k]]
     assert not different, different[:10]
+    # Where Python cannot fork (Windows, macOS) threads draw, sharing one decoded-image cache.
+    monkeypatch.setattr(workers, "can_fork", lambda: False)
+    threads = _files(small.build_small_atlas(tmp_path_factory.mktemp("threads") / "atlas", work, cache,
+                                             render_workers=3))
+    assert sorted(threads) == sorted(a)
+    different = [k for k in a if a[k] != threads[k]]
+    assert not different, different[:10]
+
+
+def test_the_pixel_cache_is_safe_to_share_between_threads():
+    """Many threads asking for overlapping images through a cache that holds only a few: every
+    answer is the right image, and the bookkeeping stays consistent."""
+    import threading
+
+    import numpy as np
+
+    from sitegen.crops import PixelCache
+
+    def load(i: int) -> np.ndarray:
+        return np.full((8, 8, 3), i % 251, np.uint8)
+
+    cache = PixelCache(load, budget_bytes=4 * 8 * 8 * 3)
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for i in rng.integers(0, 12, 3000).tolist():
+                assert int(cache(i)[0, 0, 0]) == i % 251
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: an unlocked cache fails here
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    assert cache.used == sum(a.nbytes for a in cache.items.values()) <= 4 * 8 * 8 * 3
 
 
 def _write_job(folder: Path, i: int):
