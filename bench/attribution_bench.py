@@ -147,6 +147,48 @@ def measure_naive(ctx: BuildContext, topk: Result, result: Result, methods: Sequ
     }
 
 
+def mac_floor(ctx: BuildContext, topk: Result, methods: Sequence[str], batch: int, max_side: int) -> dict[str, Any]:
+    """The pass's work in multiply-accumulates, as ``bench/featurevis_bench.py``'s ``macs_until``
+    counts them (a forward up to a layer; the backward to the input pixels costs as many, since it
+    runs the same convolutions transposed), over the bare forward's (every image, the whole model):
+
+    - ``per_pair``: one forward and one backward per method for every (image, unit) pair: the
+      floor of computing each unit from its own forward (the pass before it shared forwards);
+    - ``floor``: one forward per distinct image of each batch, one backward per pair and method:
+      the least the pass's way can do;
+    - ``executed``: what the pass runs, idle rows of its backward rounds included (a round's
+      backward covers every image of the batch, with or without a unit in that round).
+    """
+    sys.path.insert(0, str(REPO / "bench"))
+    from featurevis_bench import macs_until
+
+    names = list(topk.meta["layers"])
+    macs = macs_until(ctx.net, names, ctx.input_size)
+    m = len(methods)
+    totals = {"per_pair": 0, "floor": 0, "executed": 0}
+    layers = []
+    for li, name in enumerate(names):
+        plan = plan_layer(ctx, topk, li, max_side)
+        forwards = rows = 0
+        for s in plan.batches(batch):
+            images, counts = np.unique(plan.image[s], return_counts=True)
+            forwards += len(images)
+            rows += len(images) * int(counts.max())
+        pairs = len(plan)
+        layer = {"layer": name, "pairs": pairs, "forwards": forwards, "backward_rows": rows,
+                 "per_pair": pairs * (1 + m) * macs[name], "floor": (forwards + m * pairs) * macs[name],
+                 "executed": (forwards + m * rows) * macs[name]}
+        for key in totals:
+            totals[key] += layer[key]
+        layers.append(layer)
+    bare = len(ctx.images) * macs["<logits>"]
+    return {"methods": m, "batch_images": batch, "bare_forward_macs": bare, "macs": totals,
+            "over_bare_forward": {k: v / bare for k, v in totals.items()},
+            "over_bare_forward_at_10000": {k: v / bare * len(ctx.images) / 10_000 for k, v in totals.items()},
+            "pairs": sum(l["pairs"] for l in layers), "forwards": sum(l["forwards"] for l in layers),
+            "layers": layers}
+
+
 def result_bytes(result: Result) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix="attr-bench-") as tmp:
         result.save(Path(tmp))
@@ -178,6 +220,9 @@ def measure(ctx: BuildContext, topk: Result | None = None, *, methods: Sequence[
     log(f"naive (extrapolated): {naive['extrapolated']['wall_s']:.1f} s wall")
     fwd = Timing((fwd1.wall + fwd2.wall) / 2, (fwd1.cpu + fwd2.cpu) / 2)
     ratio = {k: getattr(attr, k) / getattr(fwd, k) for k in ("wall", "cpu")}
+    floor = mac_floor(ctx, topk, methods, bs, max_side)
+    log(f"MAC floor: {floor['over_bare_forward']['floor']:.2f} x the bare forward "
+        f"(per pair: {floor['over_bare_forward']['per_pair']:.2f} x); time: {ratio['cpu']:.2f} x (CPU)")
     speedup = {k: naive["extrapolated"][f"{k}_s"] / getattr(attr, k) for k in ("wall", "cpu")}
     return {
         "images": n, "layers": len(topk.meta["layers"]),
@@ -190,6 +235,8 @@ def measure(ctx: BuildContext, topk: Result | None = None, *, methods: Sequence[
         "attribution_over_bare_forward": ratio,
         "ratio_at_10000_images": {k: v * n / 10_000 for k, v in ratio.items()},
         "naive_over_attribution": speedup,
+        "mac_floor": floor,
+        "attribution_over_mac_floor": {k: v / floor["over_bare_forward"]["floor"] for k, v in ratio.items()},
         "goals": {"attribution_le_1.5x_forward_at_10000": ratio["cpu"] * n / 10_000 <= 1.5,
                   "naive_ge_3x_slower": speedup["cpu"] >= 3.0},
         "storage": result_bytes(result),

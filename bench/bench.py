@@ -9,7 +9,12 @@ that build's own:
 - ``dataset_pass``: the dataset (top-k) pass and the render, with 1,000 and with 10,000 images,
   for the dataset pass's ratio to the bare forward and the peak-memory comparison;
 - ``atlas``: the whole atlas at the default settings over 10,000 images, every pass timed (its
-  ratio to the same run's bare forward), the site's size and file count;
+  ratio to the same run's bare forward), the site's size and file count, the render again on 1
+  and 2 processes (its scaling), and the attribution pass's multiply-accumulate floor beside its
+  time (``attribution_bench.mac_floor`` on this run's own top-k units);
+- ``featurevis``: the default ascent against the full-length one it replaced, side by side on a
+  sample of channels (``featurevis_bench.py --quality``): the distribution of the per-channel
+  objective ratio and the ratio of the CPU times;
 - ``scale``: checkpointing overhead, 1 process against 2 gloo ranks;
 - ``sanity``: the sanity checks of the attribution pictures against the attribution pass, both over
   the same ``--small`` images in one child process (wall and CPU seconds; goal: sanity ≤ 30 % of
@@ -24,6 +29,7 @@ that build's own:
   ≤ 2.2× the time, ≤ 1.3× the memory.
 
     python bench/bench.py [--images 10000] [--small 1000] [--out bench/results.json] [--skip ...]
+    python bench/bench.py --device cuda      # the GPU bench (bench/gpu_bench.py), `make bench-gpu`
 """
 from __future__ import annotations
 
@@ -112,11 +118,25 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
     out = work / f"site{n}{'-topk' if topk_only else ''}{'-compare' if compare else ''}"
     staged = staging_dir(out)
     render(ctx, results, staged, RenderOptions(title="bench", patch_size=cfg.site.patch_size,
-                                               image_format=cfg.site.image_format))
+                                               image_format=cfg.site.image_format,
+                                               workers=cfg.site.render_workers))
     publish(staged, out)
     render_s = time.perf_counter() - t
     total_s = time.perf_counter() - t0
-    return {
+    extra = {}
+    if not topk_only and compare is None:  # the whole atlas of one model
+        extra["render_by_workers"] = render_scaling(ctx, results, cfg, work, render_s)
+        if "attribution" in results:
+            sys.path.insert(0, str(REPO / "bench"))
+            from attribution_bench import mac_floor
+
+            floor = mac_floor(ctx, results["topk"], list(cfg.attribution.methods),
+                              ctx.batch_size(cfg.attribution.batch_size), cfg.attribution.max_side)
+            floor.pop("layers")
+            time_ratio = report.timings["pass:attribution"] / bare_s
+            extra["attribution_mac_floor"] = {**floor, "time_over_bare_forward": time_ratio,
+                                              "time_over_floor": time_ratio / floor["over_bare_forward"]["floor"]}
+    return {**extra,
         "images": len(ctx.images),
         "layers": len(ctx.layers),
         "channels": sum(l.channels for l in ctx.layers),
@@ -130,6 +150,22 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
     }
 
 
+def render_scaling(ctx, results, cfg, work: Path, all_cores_s: float) -> dict[str, float]:
+    """The same site rendered again on 1 and 2 processes, beside the default's (every core)."""
+    from sitegen.render.pages import RenderOptions
+    from sitegen.render.site import render
+    from sitegen.render.workers import available_cores
+
+    times = {str(available_cores()): all_cores_s}
+    for workers in (2, 1):
+        if str(workers) in times:
+            continue
+        site = work / f"site-render-{workers}"
+        t = time.perf_counter()
+        render(ctx, results, site, RenderOptions(title="bench", patch_size=cfg.site.patch_size,
+                                                 image_format=cfg.site.image_format, workers=workers))
+        times[str(workers)] = time.perf_counter() - t
+    return times
 def sanity_child(n: int, work: Path) -> dict:
     """The top-k, attribution and sanity passes at the default settings over ``n`` images, in this
     process; the sanity pass's time as a share of the attribution pass's (wall and CPU)."""
@@ -286,7 +322,7 @@ def run_script(name: str, args: list[str], work: Path) -> dict:
     return figures
 
 
-SECTIONS = ("dataset_pass", "atlas", "scale", "sanity", "attribution", "occlusion", "tsne", "demo", "compare")
+SECTIONS = ("dataset_pass", "atlas", "featurevis", "scale", "sanity", "attribution", "occlusion", "tsne", "demo", "compare")
 
 
 def demo_time(work: Path) -> dict:
@@ -304,6 +340,13 @@ def log(msg: str) -> None:
 
 
 def main() -> None:
+    if "--device" in sys.argv[1:] or any(a.startswith("--device=") for a in sys.argv[1:]):
+        # The GPU bench has its own builds and figures (bench/gpu_bench.py): --device hands over to it.
+        sys.path.insert(0, str(REPO / "bench"))
+        import gpu_bench
+
+        gpu_bench.main(sys.argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--small", type=int, default=1_000, help="image count for the memory comparison")
@@ -354,10 +397,24 @@ def main() -> None:
                 "attribution_pass_over_bare_forward": s.get("pass:attribution", float("nan")) / s["bare_forward"],
                 "sanity_over_attribution_in_atlas": s.get("pass:sanity", float("nan")) / s.get("pass:attribution", float("nan")),
                 "featurevis_s_per_channel": fv / (atlas["channels"] + 10) if fv else None,
+                "render_s_by_workers": atlas.get("render_by_workers"),
+                "render_speedup_2_over_1": atlas["render_by_workers"]["1"] / atlas["render_by_workers"]["2"]
+                if {"1", "2"} <= set(atlas.get("render_by_workers", {})) else None,
+                "attribution_mac_floor_over_bare_forward":
+                    atlas.get("attribution_mac_floor", {}).get("over_bare_forward", {}).get("floor"),
+                "attribution_over_mac_floor": atlas.get("attribution_mac_floor", {}).get("time_over_floor"),
                 "atlas_peak_rss_mib": atlas["peak_rss_mib"],
                 "site_mib": atlas["site"]["bytes"] / 2**20,
                 "site_files": atlas["site"]["files"],
             })
+        if "featurevis" in run:
+            q = run_script("featurevis_bench", ["--quality"], work)
+            log(f"feature visualisation: objective ratio {json.dumps(q['ratio'])}, "
+                f"time ratio {q['time_ratio_default_over_full']:.2f}")
+            q.pop("units_detail")
+            results["featurevis_quality"] = q
+            summary.update({"featurevis_objective_ratio": {k: q["ratio"][k] for k in ("median", "p5", "min")},
+                            "featurevis_time_ratio_to_full_length": q["time_ratio_default_over_full"]})
         if "scale" in run:
             scale = {"checkpoint": checkpoint_overhead(args.images, work)}
             log(f"checkpoints: {json.dumps(scale['checkpoint'])}")
@@ -379,7 +436,10 @@ def main() -> None:
             log(f"attribution: {json.dumps(a['naive_over_attribution'])} x faster than naive")
             results["attribution"] = a
             summary.update({"attribution_naive_over_pass": a["naive_over_attribution"],
-                            "attribution_over_bare_forward_at_10000": a["ratio_at_10000_images"]})
+                            "attribution_over_bare_forward_at_10000": a["ratio_at_10000_images"],
+                            "attribution_mac_floor_over_bare_forward_at_10000":
+                                a["mac_floor"]["over_bare_forward_at_10000"],
+                            "attribution_over_mac_floor": a["attribution_over_mac_floor"]})
         if "occlusion" in run:
             o = run_script("occlusion_bench", ["--model", "resnet56", "--threads", "1"], work)
             log(f"occlusion: {o['ratio']} x plain forwards")

@@ -155,15 +155,106 @@ def measure(steps: int | None = None, batch: int | None = None, threads: int | N
     }
 
 
+FULL_LENGTH = {"steps": 64, "lr": 0.05}
+"""The ascent the pass ran before its current defaults: 64 steps at a constant 0.05, fp32."""
+
+
+def quality(per_layer: int = 32, threads: int | None = None,
+            layers: tuple[str, ...] = ("conv1", "layer1.4", "layer1.8.conv2", "layer2.0.conv1", "layer2.8",
+                                       "layer3.4.conv2", "layer3.8"),
+            full_steps: int = FULL_LENGTH["steps"]) -> dict[str, Any]:
+    """The pass's default ascent against the full-length run it replaces (``FULL_LENGTH``), side by
+    side on the same channels of the shared ResNet-56: per channel the final objective's ratio to
+    the full-length run's, its distribution, and the ratio of the CPU times.
+
+    ``per_layer`` evenly spaced channels of each of ``layers`` (each kind of layer: the stem, block
+    outputs, first and second convolutions of blocks, in every stage; the second convolutions of
+    the last stage climb the slowest) and the 10 classes.  Channels whose full-length objective is
+    ≤ 0 (never excited) have no ratio; they are counted, with how many of them the new run excites."""
+    import numpy as np
+
+    if threads:
+        torch.set_num_threads(threads)
+    from sitegen.passes.featurevis import precision
+
+    cfg = FeatureVisConfig()
+    size = (32, 32)
+    jitter = cfg.jitter if cfg.jitter >= 0 else max(1, round(32 / 16))
+    common = dict(jitter=jitter, size=size, mean=CIFAR_MEAN, std=CIFAR_STD, decorrelate=cfg.decorrelate,
+                  colour=tuple(map(tuple, IMAGENET_COLOUR.tolist())), seed=cfg.seed)
+    full = Ascent(steps=full_steps, lr=FULL_LENGTH["lr"], **common)
+    default = Ascent(steps=cfg.steps, lr=cfg.lr, lr_end=cfg.lr_end, precision=precision(cfg.precision, torch.device("cpu")),
+                     stop_window=cfg.stop_window if cfg.stop_gain > 0 else 0, stop_gain=cfg.stop_gain, **common)
+    model = load_model(MODEL, ARCH, False).model
+    found = {l.name: l for l in discover(model, (3, *size))}
+    rows = []
+    times = {"full": 0.0, "default": 0.0}
+    for name in [*layers, "<logits>"]:
+        if name == "<logits>":
+            units = list(range(10))
+            run = lambda a: visualise_classes(model, units, a)  # noqa: E731
+        else:
+            n = found[name].channels
+            units = sorted({int(round(q)) for q in np.linspace(0, n - 1, min(per_layer, n))})
+            run = lambda a, name=name, units=units: visualise_channels(model, name, units, a)  # noqa: E731
+        # Alternating which goes first spreads the machine's drift over both.
+        order = ("full", "default") if len(rows) % 2 == 0 else ("default", "full")
+        got = {}
+        for which in order:
+            t = time.process_time()
+            got[which] = run(full if which == "full" else default)
+            times[which] += time.process_time() - t
+        for u, f, s_, steps in zip(units, got["full"].objective, got["default"].objective, got["default"].steps):
+            rows.append({"layer": name, "unit": u, "full": float(f), "default": float(s_), "steps": int(steps)})
+        print(f"{name}: {len(units)} units, {np.mean(got['default'].steps):.1f} steps on average",
+              file=sys.stderr, flush=True)
+    excited = [r for r in rows if r["full"] > 0]
+    ratio = np.array([r["default"] / r["full"] for r in excited])
+    per_layer_median = {}
+    for name in [*layers, "<logits>"]:
+        rs = [r["default"] / r["full"] for r in excited if r["layer"] == name]
+        per_layer_median[name] = float(np.median(rs)) if rs else None
+    return {
+        "settings": {"full_length": {"steps": full.steps, "lr": full.lr, "precision": full.precision},
+                     "default": {"steps": default.steps, "lr": default.lr, "lr_end": default.lr_end,
+                                 "precision": default.precision, "stop_window": default.stop_window,
+                                 "stop_gain": default.stop_gain},
+                     "per_layer": per_layer, "layers": list(layers), "threads": torch.get_num_threads()},
+        "units": len(rows), "with_ratio": len(excited),
+        "never_excited_full": len(rows) - len(excited),
+        "never_excited_full_but_default_excited": sum(1 for r in rows if r["full"] <= 0 < r["default"]),
+        "ratio": {"median": float(np.median(ratio)), "p5": float(np.percentile(ratio, 5)),
+                  "p1": float(np.percentile(ratio, 1)), "min": float(ratio.min()), "mean": float(ratio.mean()),
+                  "histogram": {f"{lo:.2f}-{hi:.2f}": int(((ratio >= lo) & (ratio < hi)).sum())
+                                for lo, hi in zip([0, .8, .9, .95, .97, 1.0, 1.03], [.8, .9, .95, .97, 1.0, 1.03, 99])}},
+        "ratio_median_by_layer": per_layer_median,
+        "mean_steps": float(np.mean([r["steps"] for r in rows])),
+        "cpu_s": times, "time_ratio_default_over_full": times["default"] / times["full"],
+        "goals": {"median_ge_0.97": bool(np.median(ratio) >= 0.97), "p5_ge_0.90": bool(np.percentile(ratio, 5) >= 0.90),
+                  "time_le_0.4": bool(times["default"] / times["full"] <= 0.4)},
+        "units_detail": rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="ascent steps (default: the config's)")
     ap.add_argument("--batch", type=int, default=None, help="channels per batch (default: 64 on the CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results-featurevis.json")
+    ap.add_argument("--quality", action="store_true",
+                    help="only the default ascent against the full-length run (objective ratios, time ratio)")
+    ap.add_argument("--per-layer", type=int, default=32, help="channels per layer for --quality")
     args = ap.parse_args()
     if not MODEL.is_file():
         sys.exit(f"the bench needs {MODEL}")
+    if args.quality:
+        results = quality(args.per_layer, args.threads)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: results[k] for k in ("ratio", "mean_steps", "time_ratio_default_over_full", "goals")},
+                         indent=2))
+        return
     results = measure(args.steps, args.batch, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

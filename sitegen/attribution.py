@@ -97,9 +97,16 @@ def _check_method(method: str) -> None:
         )
 
 
-def _check_inputs(inputs: torch.Tensor, units: Sequence[Unit]) -> list[Unit]:
+def _check_inputs(inputs: torch.Tensor, units: Sequence[Unit], rows: Sequence[int] | None = None) -> list[Unit]:
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
         raise AttributionError("inputs must be a floating-point tensor batch (N, C, H, W)")
+    if rows is not None:
+        if len(rows) != len(units):
+            raise AttributionError(f"{len(rows)} rows for {len(units)} units", "give one input row per unit")
+        for i, r in enumerate(rows):
+            if not isinstance(r, (int, np.integer)) or not 0 <= r < inputs.shape[0]:
+                raise AttributionError(f"row {r!r} of unit {i} is not an input index (0 to {inputs.shape[0] - 1})")
+        return [_as_unit(u) for u in units]
     if len(units) != inputs.shape[0]:
         raise AttributionError(
             f"{len(units)} units for {inputs.shape[0]} inputs",
@@ -143,14 +150,38 @@ def _check_units(units: list[Unit], out: torch.Tensor, layer: str) -> None:
 # --- attribution ----------------------------------------------------------------------------------
 
 
+def _rounds(rows: list[int] | None, n: int) -> list[list[int]]:
+    """Unit indices in rounds holding at most one unit per input: round ``r`` takes the ``r``-th unit
+    of every input that has one (unit order kept).  Without ``rows``, unit ``i`` belongs to input
+    ``i`` and there is one round of all ``n``."""
+    if rows is None:
+        return [list(range(n))]
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        k = seen.get(r, 0)
+        seen[r] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+    return rounds
+
+
 def _attribute(
-    model: nn.Module, inputs: torch.Tensor, layer: str, units: list[Unit], methods: Sequence[str]
+    model: nn.Module, inputs: torch.Tensor, layer: str, units: list[Unit], methods: Sequence[str],
+    rows: list[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """One forward up to ``layer``, then one backward from the units per method (the graph is kept
-    between them); also the rule-less activations seen."""
+    """One forward of ``inputs`` up to ``layer``, then backward passes from the units, per method
+    (the graph is kept between them); also the rule-less activations seen.
+
+    Unit ``i`` belongs to input ``rows[i]`` (default: input ``i``).  Several units of one input share
+    its forward: the units go back in rounds of at most one per input (:func:`_rounds`), one backward
+    per round and method, each the backward a unit alone would get (in eval mode the inputs of a
+    batch do not interact).  Returns ``(len(units), *inputs.shape[1:])`` per method."""
     get_module(model, layer)  # an unknown layer fails here, with the `sitegen layers` hint
     if not units:
-        return {m: torch.zeros_like(inputs) for m in methods}, set()
+        return {m: inputs.new_zeros((0, *inputs.shape[1:])) for m in methods}, set()
+    rounds = _rounds(rows, len(units))
     # Only the plain gradient: no mode at all, so autograd's own backward runs untouched.
     state = None if all(m == "gradient" for m in methods) else RuleState(methods[0])
     with model_guard(model):
@@ -165,14 +196,21 @@ def _attribute(
         _check_units(units, out, layer)
         if not out.requires_grad:
             raise AttributionError(f"layer {layer!r} does not depend on the input")
-        onehot = torch.zeros_like(out)
-        c, y, x_ = (torch.tensor(v, device=out.device) for v in zip(*units))
-        onehot[torch.arange(len(units), device=out.device), c, y, x_] = 1.0
-        grads = {}
-        for i, m in enumerate(methods):
-            if state is not None:
-                state.method = m
-            (grads[m],) = torch.autograd.grad(out, x, onehot, retain_graph=i < len(methods) - 1)
+        grads = {m: None if rows is None else x.new_empty((len(units), *x.shape[1:])) for m in methods}
+        last = len(rounds) * len(methods) - 1
+        for r, members in enumerate(rounds):
+            at = torch.tensor(members if rows is None else [rows[i] for i in members], device=out.device)
+            onehot = torch.zeros_like(out)
+            c, y, x_ = (torch.tensor(v, device=out.device) for v in zip(*(units[i] for i in members)))
+            onehot[at, c, y, x_] = 1.0
+            for i, m in enumerate(methods):
+                if state is not None:
+                    state.method = m
+                (g,) = torch.autograd.grad(out, x, onehot, retain_graph=r * len(methods) + i < last)
+                if rows is None:
+                    grads[m] = g
+                else:
+                    grads[m][members] = g[at.to(g.device)]
     return grads, (mode.unhandled if state else set())
 
 
@@ -216,20 +254,26 @@ def attribute_methods(
     layer: str,
     units: Sequence[Unit],
     methods: Sequence[str] = METHODS,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`attribute` for several methods at once, ``{method: tensor}``: one forward serves them
-    all (the rule is chosen when each backward runs), which saves a forward per extra method."""
-    return _attribute_checked(model, inputs, layer, units, methods)
+    all (the rule is chosen when each backward runs), which saves a forward per extra method.
+
+    With ``rows``, unit ``i`` is a unit of input ``rows[i]`` and inputs may have several units (or
+    none): each input's forward runs once for all its units, and sample ``i`` of each returned
+    tensor is unit ``i``'s attribution (``len(units)`` samples)."""
+    return _attribute_checked(model, inputs, layer, units, methods, rows)
 
 
 def _attribute_checked(model: nn.Module, inputs: torch.Tensor, layer: str, units: Sequence[Unit],
-                       methods: Sequence[str]) -> dict[str, torch.Tensor]:
+                       methods: Sequence[str], rows: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """The public functions' body; the warning points at their caller (two frames up)."""
     methods = _check_methods(methods)
-    checked = _check_inputs(inputs, units)
+    checked = _check_inputs(inputs, units, rows)
     for m in methods:
         _check_scripted(model, m)
-    grads, unhandled = _attribute(model, inputs, layer, checked, methods)
+    grads, unhandled = _attribute(model, inputs, layer, checked, methods,
+                                  None if rows is None else [operator.index(r) for r in rows])
     _warn_unhandled(unhandled, methods, stacklevel=4)
     return grads
 

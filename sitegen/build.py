@@ -17,7 +17,7 @@ from . import config as config_mod
 from . import progress
 from .activation_rules import ActivationReport, describe_unruled
 from .config import Config
-from .context import BuildContext
+from .context import BuildContext, default_device
 from .images import discover as discover_images
 from .inputs import plan_inputs
 from .layers import LayerInfo, ReceptiveField
@@ -137,10 +137,17 @@ def check_config_against(ctx: BuildContext) -> None:
 
 
 def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
-            cache_dir: Path | None, *, exclude: tuple[Path, ...] = ()) -> BuildContext:
+            cache_dir: Path | None, *, exclude: tuple[Path, ...] = (),
+            device: torch.device | None = None) -> BuildContext:
     """Everything a pass needs, with every input checked before any output is written.  Folders in
-    ``exclude`` (the output) are never read as images."""
+    ``exclude`` (the output) are never read as images.
+
+    ``device`` None picks the GPU when PyTorch sees one (``context.default_device``).  The model
+    (loaded here, sitegen's own copy) moves there before anything runs on it: every pass sends its
+    batches to ``ctx.device``."""
+    device = device or default_device()
     loaded = load_model(model_path, cfg.model.arch, cfg.model.trust_pickle)
+    loaded.model.to(device)
     # The checkpoint to compare with must fit the model: checked before any image is read.
     old = load_like(cfg.compare.checkpoint, loaded, cfg.model.trust_pickle) if cfg.compare.checkpoint else None
     images = discover_images(images_dir, cfg.data.max_images, exclude=exclude)
@@ -161,7 +168,7 @@ def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,
         selectable_hint(loaded.model, cfg.layers, all_layers)
         raise
     ctx = BuildContext(config=cfg, model=loaded, images=plan.images, layers=chosen, all_layers=all_layers,
-                       input_size=plan.size, input_notes=plan.notes, compare=old)
+                       input_size=plan.size, input_notes=plan.notes, compare=old, device=device)
     check_config_against(ctx)
     return ctx
 
@@ -261,7 +268,8 @@ def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Confi
         render(ctx, results, staged, RenderOptions(title=title, patch_size=cfg.site.patch_size,
                                                    image_format=cfg.site.image_format,
                                                    left_out=report.plan.page_notes(),
-                                                   build=report.plan.record(measured, report.cached)))
+                                                   build=report.plan.record(measured, report.cached),
+                                                   workers=cfg.site.render_workers))
         publish(staged, out)
     except BaseException:
         discard(staged)

@@ -48,7 +48,8 @@ class _Interrupted(Exception):
 
 FLAGS = {"data.resize": "--resize", "data.crop": "--crop", "data.mean": "--mean", "data.std": "--std",
          "data.max_images": "--max-images", "topk.k": "--k", "topk.batch_size": "--batch-size",
-         "site.max_bytes": "--max-bytes"}
+         "site.max_bytes": "--max-bytes",
+         "site.render_workers": "--render-workers"}
 """The config key each build flag sets: a bad flag value is reported by its flag."""
 
 
@@ -99,6 +100,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not an atlas (never deletes its files)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where pass results are cached (default ~/.cache/sitegen)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything and store nothing."),
+    render_workers: Optional[int] = typer.Option(None, "--render-workers", help="Processes drawing pictures and writing pages (0 = every core)."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine (N ranks of one torch.distributed job; they stop with sitegen)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="An earlier checkpoint of the same architecture: the atlas shows what changed (changes.html)."),
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Size budget of the site in bytes "
@@ -124,14 +126,15 @@ def build(
 
     model_section = {"arch": arch, "trust_pickle": True if trust_pickle else None}
     given = {"data.resize": resize, "data.crop": crop, "data.mean": mean, "data.std": std,
-             "data.max_images": max_images, "topk.k": k, "topk.batch_size": batch_size, "site.max_bytes": max_bytes}
+             "data.max_images": max_images, "topk.k": k, "topk.batch_size": batch_size, "site.max_bytes": max_bytes,
+             "site.render_workers": render_workers}
     cfg = load_config(
         _path(config),
         model=model_section,
         data={"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
               "max_images": max_images},
         topk={"k": k, "batch_size": batch_size},
-        site={"max_bytes": max_bytes},
+        site={"max_bytes": max_bytes, "render_workers": render_workers},
         compare={"checkpoint": str(_path(compare)) if compare is not None else None},
         layers=layers or [],
         flags={key: (FLAGS[key], str(v)) for key, v in given.items() if v is not None},

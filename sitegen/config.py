@@ -105,8 +105,8 @@ class AttributionConfig:
     methods: tuple[str, ...] = ("guided", "deconvnet", "gradient")
     """Rules to compute, in the order the page's switch shows them: guided, deconvnet, gradient."""
     batch_size: int = 0
-    """(image, unit) pairs per forward+backward; 0 picks one from the model's memory use and the free
-    memory (at most 64 on the CPU, 256 on a GPU)."""
+    """Distinct images per forward (each image's units of the layer all go back from it); 0 picks one
+    from the model's memory use and the free memory (at most 64 on the CPU, 256 on a GPU)."""
     max_side: int = 64
     """Stored attribution crops are at most this many pixels wide (larger windows are shrunk)."""
 
@@ -147,10 +147,16 @@ class SanityConfig:
 class FeatureVisConfig:
     enabled: bool = True
     """Optimise an image for every channel of the selected layers (and every class)."""
-    steps: int = 64
-    """Gradient-ascent steps per image."""
-    lr: float = 0.05
-    """Step size: each step moves the image parameters by this much in RMS (normalised gradient)."""
+    steps: int = 48
+    """Gradient-ascent steps per image (at most, when ``stop_gain`` is set)."""
+    lr: float = 0.2
+    """Step size of the first step: each step moves the image parameters by this much in RMS
+    (normalised gradient); it falls linearly to ``lr_end`` at the last step."""
+    lr_end: float = 0.01
+    """Step size of the last step (``lr_end = lr`` keeps it constant)."""
+    precision: str = "auto"
+    """The steps' forward and backward in ``fp32``, or ``bf16`` (autocast); ``auto`` uses bf16 where the
+    device computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
     jitter: int = -1
     """Random shift in pixels applied before each step; -1 picks 1/16 of the image side, 0 disables."""
     seed: int = 0
@@ -162,11 +168,22 @@ class FeatureVisConfig:
     classes: bool = True
     """Also optimise one image per output class (maximising its logit)."""
     batch_size: int = 0
-    """Channels optimised at once, one per batch element; 0 picks 64 on the CPU, 256 on a GPU."""
+    """Channels optimised at once, one per batch element; 0 picks one from the model's memory use and
+    the free memory (at most 64 on the CPU, 256 on a GPU)."""
+    stop_gain: float = 0.0
+    """An image stops before ``steps`` once its objective has converged: the mean over the last
+    ``stop_window`` steps beats the mean over the window before by less than this fraction of its
+    size.  0 runs every image for all ``steps``."""
+    stop_window: int = 8
+    """Steps per window of the convergence test (``stop_gain``)."""
 
     def validate(self, key: str) -> None:
         _check(1 <= self.steps <= 10_000, f"{key}.steps", "must be between 1 and 10000")
+        _check(0 <= self.stop_gain < 1, f"{key}.stop_gain", "must be ≥ 0 and < 1 (0 never stops early)")
+        _check(1 <= self.stop_window <= 1000, f"{key}.stop_window", "must be between 1 and 1000")
         _check(0 < self.lr <= 10, f"{key}.lr", "must be > 0 and ≤ 10")
+        _check(0 < self.lr_end <= 10, f"{key}.lr_end", "must be > 0 and ≤ 10")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"{key}.precision", 'must be "auto", "fp32" or "bf16"')
         _check(self.jitter >= -1, f"{key}.jitter", "must be ≥ 0 pixels, or -1 for 1/16 of the image side")
         _check(self.seed >= 0, f"{key}.seed", "must be ≥ 0")
         _check(self.image_size == 0 or 8 <= self.image_size <= 1024, f"{key}.image_size",
@@ -190,8 +207,12 @@ class SiteConfig:
     """Size budget of the site in bytes (GitHub Pages publishes at most 1 GB); 0 lifts it.  Over it, a
     build that was not given layers leaves parts out in a documented order (docs/planning.md) and
     says which; a build given layers stops before any work."""
+    render_workers: int = 0
+    """Processes that draw the pictures and write the pages; 0 uses every core.  The site is the same
+    byte for byte whatever the count."""
 
     def validate(self, key: str) -> None:
+        _check(self.render_workers >= 0, f"{key}.render_workers", "must be ≥ 0 (0 uses every core)")
         _check(8 <= self.patch_size <= 512, f"{key}.patch_size", "must be between 8 and 512")
         _check(self.image_format in ("webp", "png"), f"{key}.image_format", 'must be "webp" or "png"')
         _check(0 <= self.dull_ratio < 1, f"{key}.dull_ratio", "must be ≥ 0 and < 1 (0 marks no channel dull)")

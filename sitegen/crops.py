@@ -11,6 +11,7 @@ in its square says where the unit's field met the image border.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable
 
@@ -60,20 +61,28 @@ def resize_square(patch: np.ndarray, size: int) -> np.ndarray:
 
 
 class PixelCache:
-    """Decoded, preprocessed images by index, least recently used dropped past a byte budget."""
+    """Decoded, preprocessed images by index, least recently used dropped past a byte budget.
+
+    Safe to share between threads (the render's thread pool, where processes cannot fork): the
+    bookkeeping is under a lock, the decoding outside it."""
 
     def __init__(self, load: Callable[[int], np.ndarray], budget_bytes: int = 512 << 20):
         self.load, self.budget, self.used = load, budget_bytes, 0
         self.items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __call__(self, i: int) -> np.ndarray:
-        if i in self.items:
-            self.items.move_to_end(i)
-            return self.items[i]
+        with self._lock:
+            arr = self.items.get(i)
+            if arr is not None:
+                self.items.move_to_end(i)
+                return arr
         arr = self.load(i)
-        self.items[i] = arr
-        self.used += arr.nbytes
-        while self.used > self.budget and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.used -= old.nbytes
+        with self._lock:
+            if i not in self.items:  # another thread may have decoded it meanwhile
+                self.items[i] = arr
+                self.used += arr.nbytes
+            while self.used > self.budget and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.used -= old.nbytes
         return arr

@@ -570,3 +570,73 @@ def test_resnet20_zero_outside_receptive_field(resnet20, cifar_images, layer, me
         support = attr[0].abs().sum(0) != 0
         assert support[y - r].any() and support[y + r].any()
         assert support[:, x - r].any() and support[:, x + r].any()
+
+
+# --- several units per input: one forward serves them all ----------------------------------------------
+
+
+def _per_unit(model: nn.Module, inputs: torch.Tensor, layer: str, units: list, rows: list, method: str) -> torch.Tensor:
+    """Each unit on its own: its input alone through the forward, one backward from the unit."""
+    return torch.cat([attribute(model, inputs[r:r + 1], layer, [u], method) for u, r in zip(units, rows)])
+
+
+def test_rounds_hold_one_unit_per_input():
+    from sitegen.attribution import _rounds
+
+    assert _rounds(None, 3) == [[0, 1, 2]]
+    assert _rounds([2, 0, 2, 2, 1, 0], 6) == [[0, 1, 4], [2, 5], [3]]
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> nn.Module:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sitegen_tiny_models", Path(__file__).with_name("tiny_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_cnn().eval()
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_shared_forward_equals_per_unit_with_max_pooling(tiny_model, layer):
+    """TinyCNN (conv-ReLU-max-pool-conv-ReLU): max-pooling's switches come from each input's own
+    forward, and several units of one input (one of them twice) go back from one forward."""
+    torch.manual_seed(1)
+    inputs = torch.randn(3, 3, 16, 16)
+    side = 16 if layer == "conv1" else 6
+    rows = [0, 2, 0, 0, 1, 2, 0]  # input 0: four units, input 1: one, input 2: two
+    units = [(0, 3, 4), (1, 0, 0), (2, side - 1, 2), (0, 3, 5), (3 % (4 if layer == "conv1" else 5), 2, 2),
+             (1, side - 1, side - 1), (0, 3, 4)]  # the last repeats the first: the same unit twice
+    shared = attribute_methods(tiny_model, inputs, layer, units, METHODS, rows=rows)
+    for method in METHODS:
+        expected = _per_unit(tiny_model, inputs, layer, units, rows, method)
+        assert shared[method].shape == (len(units), 3, 16, 16)
+        torch.testing.assert_close(shared[method], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared["guided"][0], shared["guided"][6], rtol=0, atol=0)
+    assert all(shared["gradient"][i].abs().sum() > 0 for i in range(len(units)))
+
+
+@pytest.mark.parametrize("layer", ["layer1.0", "layer3.2.conv2"])
+def test_shared_forward_equals_per_unit_without_max_pooling(resnet20, cifar_images, layer):
+    """The shared ResNet-20 (no max-pooling, F.relu, residual blocks) on real CIFAR images."""
+    rows = [0, 0, 0, 3, 3, 5, 1, 0]
+    where = [(1, 2), (5, 5), (0, 7), (3, 3), (7, 0), (6, 6), (2, 2), (7, 7)]
+    with torch.no_grad():
+        out = _reference_forward(resnet20, cifar_images, layer)
+    units = [(int(out[r, :, y, x].argmax()), y, x) for r, (y, x) in zip(rows, where)]
+    units[2] = (units[0][0], 4, 4)  # the same channel twice on one image
+    shared = attribute_methods(resnet20, cifar_images, layer, units, METHODS, rows=rows)
+    for method in METHODS:
+        expected = _per_unit(resnet20, cifar_images, layer, units, rows, method)
+        torch.testing.assert_close(shared[method], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_are_checked(tiny_model):
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(AttributionError, match="rows for"):
+        attribute_methods(tiny_model, x, "conv1", [(0, 1, 1)], METHODS, rows=[0, 1])
+    with pytest.raises(AttributionError, match="not an input index"):
+        attribute_methods(tiny_model, x, "conv1", [(0, 1, 1)], METHODS, rows=[2])
+    # Inputs without units are fine: they go forward and get no attribution.
+    got = attribute_methods(tiny_model, x, "conv1", [(0, 1, 1)], ["gradient"], rows=[1])
+    assert got["gradient"].shape == (1, 3, 16, 16)

@@ -6,14 +6,20 @@ pixels with each configured rule.
 
 Speed
 -----
-All (image, unit) pairs of one layer are sorted by image and cut into batches of ``batch_size``
-pairs; each batch is one forward, stopped right after the layer, and one backward per method
-from that same forward (``attribute_methods``: the rule is chosen as each backward runs).  Under
-torchrun the batches are shared out among the ranks and rank 0 gathers the crops.  Each image is
-decoded once per layer at most (a byte-bounded pixel cache keeps it across the layer's batches
-and, when it fits, across layers).  The forward cannot
-be shared between pairs or layers: every unit needs its own backward, and autograd can only run a
-per-sample backward through a per-sample forward.
+All (image, unit) pairs of one layer are grouped by image (an image is often among the top-k of
+several channels of a layer) and cut into batches of ``batch_size`` distinct images.  Each batch is
+one forward of its images, stopped right after the layer, kept for the backward passes: per method,
+one backward per round of one unit per image (``attribute_methods`` with ``rows``: the rule is
+chosen as each backward runs).  So every image's forward serves all its units in the layer, and the
+work is one forward per distinct image plus one backward per unit and method, against a forward
+*and* a backward per unit before.  A batch's images all have the same number of units, so no
+round's backward runs rows without a unit.  How much this saves depends on how often an image is
+among the top-k of several channels of a layer: on the shared ResNet-56 over the 10,000 CIFAR-10
+test images, 27,360 units need 23,674 forwards (13 % fewer), the multiply-accumulates 3.6 % fewer.  Under torchrun the
+batches are shared out among the ranks and rank 0 gathers the crops.  Each image is decoded once
+per layer at most (a byte-bounded pixel cache keeps it across the layer's batches and, when it
+fits, across layers).  A forward cannot be shared between layers: the layer's output is where each
+backward starts, and the forward stops right after it.
 
 Storage
 -------
@@ -65,7 +71,7 @@ PERCENTILE = 99.0
 
 @dataclass
 class LayerPlan:
-    """The (image, unit) pairs of one layer, sorted by image so a batch shares decoded images."""
+    """The (image, unit) pairs of one layer, grouped by image (see :func:`plan_layer`)."""
 
     index: int
     name: str
@@ -87,6 +93,22 @@ class LayerPlan:
     def __len__(self) -> int:
         return len(self.c)
 
+    def batches(self, images: int) -> list[slice]:
+        """Consecutive runs of pairs covering at most ``images`` distinct images, each image whole,
+        and all of a run's images with the same number of units: its backward rounds (one unit per
+        image each) then leave no row idle."""
+        if not len(self):
+            return []
+        starts = np.flatnonzero(np.r_[True, self.image[1:] != self.image[:-1]])
+        units = np.diff(np.r_[starts, len(self)])
+        edges, first = [0], 0
+        for i in range(1, len(starts)):
+            if units[i] != units[first] or i - first == images:
+                edges.append(int(starts[i]))
+                first = i
+        edges.append(len(self))
+        return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
 
 def plan_layer(ctx: BuildContext, topk: Result, li: int, max_side: int) -> LayerPlan:
     name = topk.meta["layers"][li]
@@ -95,7 +117,10 @@ def plan_layer(ctx: BuildContext, topk: Result, li: int, max_side: int) -> Layer
     valid = np.isfinite(a[f"L{li}.values"])  # fewer usable images than k leaves -inf slots
     c, j = np.nonzero(valid)
     image, y, x = (a[f"L{li}.{key}"][c, j].astype(np.int64) for key in ("images", "y", "x"))
-    order = np.argsort(image, kind="stable")
+    # Grouped by image (an image's units share its forward), images with the most units first, so
+    # images with as many units as each other are neighbours and share batches (LayerPlan.batches).
+    _, inverse, counts = np.unique(image, return_inverse=True, return_counts=True)
+    order = np.lexsort((np.arange(len(image)), image, -counts[inverse]))
     c, j, image, y, x = c[order], j[order], image[order], y[order], x[order]
     boxes = [display_box(info.rf.box(int(yy), int(xx)), ctx.input_size) for yy, xx in zip(y, x)]
     first = display_box(info.rf.box(0, 0), ctx.input_size)
@@ -161,7 +186,7 @@ class AttributionPass(AnalysisPass):
                for p in plans}
         # Work items: every batch of every layer, in order; under torchrun each rank takes its share
         # and rank 0 gathers the crops (one process takes them all).
-        items = [(p, slice(start, start + batch)) for p in plans for start in range(0, len(p), batch)]
+        items = [(p, s) for p in plans for s in p.batches(batch)]
         mine = ctx.dist.items(len(items))
         store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         total = sum(len(items[i][0].c[items[i][1]]) for i in mine) * len(methods)
@@ -258,13 +283,14 @@ class AttributionPass(AnalysisPass):
 
     def _batch(self, ctx: BuildContext, plan: LayerPlan, s: slice, methods: list[str],
                pixels: PixelCache, out: dict[str, np.ndarray]) -> None:
-        """One forward (stopped at the layer) and, from it, one backward per method for the pairs ``s``."""
-        images = plan.image[s]
+        """One forward of the batch's distinct images (stopped at the layer) and, from it, the
+        backward passes of every pair ``s``: one per method and per round of one unit per image."""
+        images, rows = np.unique(plan.image[s], return_inverse=True)
         stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images])).to(ctx.device)
         inputs = normalise(stacked, ctx.config.data)
         units = list(zip(plan.c[s].tolist(), plan.y[s].tolist(), plan.x[s].tolist()))
         cs, js = plan.c[s], plan.j[s]
-        grads = attribute_methods(ctx.net, inputs, plan.name, units, methods)
+        grads = attribute_methods(ctx.net, inputs, plan.name, units, methods, rows=rows.tolist())
         for m in methods:
             crops = crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window)
             for p in range(len(units)):

@@ -87,6 +87,8 @@ class RenderOptions:
     """What the size budget left out (group, what, restore), listed on the index page."""
     build: dict[str, Any] | None = None
     """The build's plan beside what it measured: ``data/atlas.json``'s ``build`` record."""
+    workers: int = 0
+    """Processes drawing pictures and writing pages (``site.render_workers``); 0 uses every core."""
 
 
 def relative_root(path: str) -> str:

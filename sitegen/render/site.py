@@ -7,6 +7,7 @@ compute nothing; every URL in it is relative, so the site works from ``file://``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from importlib import resources
@@ -26,7 +27,9 @@ from ..passes.topk import channel_top
 from .pages import (Page, RenderOptions, channel_url, class_anchor, class_url, layer_url, relative_root,
                     slug, sprite_url, tile_page_url, tile_pages)
 from .patches import save_image, sprite
+from . import workers
 from .views import registered
+from .workers import Job
 
 ATLAS_SCHEMA_VERSION = 1
 
@@ -238,41 +241,55 @@ def collect_pages(ctx: BuildContext, atlas: dict[str, Any], opts: RenderOptions,
 
 # ---------------------------------------------------------------- draw
 
+def sprite_jobs(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: RenderOptions,
+                extra_rows: Callable[[int, int, list], list[list[np.ndarray]]] | None = None) -> list[Job]:
+    """One job per channel, each drawing that channel's sprite: row 0 the top-k receptive-field
+    patches (plus rows from other passes)."""
+    # Decoded images are cached per process: each worker gets its share of the budget.
+    pixels = PixelCache(lambda i: display_pixels(ctx.images, i, ctx.config.data),
+                        budget_bytes=max(64 << 20, (512 << 20) // workers.resolve(opts.workers)))
+
+    def draw(li: int, layer: dict[str, Any], ch: dict[str, Any]) -> int:
+        boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in ch["top"]]
+        patches = [crop_box(pixels(e["index"]), box) for e, box in zip(ch["top"], boxes)]
+        rows = [patches] + (extra_rows(li, ch["channel"], boxes) if extra_rows else [])
+        sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
+        return save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format), opts.image_format)
+
+    return [functools.partial(draw, li, layer, ch)
+            for li, layer in enumerate(atlas["layers"]) for ch in layer["channels"]]
+
+
 def draw_sprites(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: RenderOptions,
-                 extra_rows: Callable[[int, int, list], list[list[np.ndarray]]] | None = None) -> int:
-    """One sprite per channel: row 0 the top-k receptive-field patches (plus rows from other passes)."""
-    pixels = PixelCache(lambda i: display_pixels(ctx.images, i, ctx.config.data))
-    total = sum(len(l["channels"]) for l in atlas["layers"])
-    written = 0
-    with progress.bar("drawing patches", total, "channels") as advance:
-        for li, layer in enumerate(atlas["layers"]):
-            for ch in layer["channels"]:
-                boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in ch["top"]]
-                patches = [crop_box(pixels(e["index"]), box) for e, box in zip(ch["top"], boxes)]
-                rows = [patches] + (extra_rows(li, ch["channel"], boxes) if extra_rows else [])
-                sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
-                written += save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format),
-                                      opts.image_format)
-                advance(1)
-    return written
+                 extra_rows: Callable[[int, int, list], list[list[np.ndarray]]] | None = None) -> None:
+    """Every channel's sprite (:func:`sprite_jobs`), on ``opts.workers`` processes."""
+    workers.run(sprite_jobs(ctx, atlas, out, opts, extra_rows), opts.workers, "drawing patches", "channels")
 
 
 # ---------------------------------------------------------------- write
 
-def write_pages(pages: list[Page], out: Path, site_title: str) -> None:
+def page_jobs(pages: list[Page], out: Path, site_title: str) -> list[Job]:
+    """One job per page, each filling its template and writing the file.  The templates are
+    compiled here, once, before any worker starts."""
     env = environment()
-    cache: dict[str, jinja2.Template] = {}
-    with progress.bar("writing pages", len(pages), "pages") as advance:
-        for page in pages:
-            tpl = cache.get(page.template) or cache.setdefault(page.template, env.get_template(page.template))
-            root = relative_root(page.path)
-            html = tpl.render(page=page.context, root=root, title=page.title, site_title=site_title,
-                              crumbs=[(root + url, text) for url, text in page.crumbs])
-            dest = out / page.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # errors="replace": a name that escaped shown() (a view's own string) costs a "?", not the build
-            dest.write_text(html, encoding="utf-8", errors="replace")
-            advance(1)
+    templates = {name: env.get_template(name) for name in dict.fromkeys(p.template for p in pages)}
+
+    def write(page: Page) -> int:
+        root = relative_root(page.path)
+        html = templates[page.template].render(page=page.context, root=root, title=page.title,
+                                               site_title=site_title,
+                                               crumbs=[(root + url, text) for url, text in page.crumbs])
+        dest = out / page.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # errors="replace": a name that escaped shown() (a view's own string) costs a "?", not the build
+        dest.write_text(html, encoding="utf-8", errors="replace")
+        return 1
+
+    return [functools.partial(write, page) for page in pages]
+
+
+def write_pages(pages: list[Page], out: Path, site_title: str, n_workers: int = 1) -> None:
+    workers.run(page_jobs(pages, out, site_title), n_workers, "writing pages", "pages")
 
 
 SEARCH_INDEX = "data/search-index.js"
@@ -352,10 +369,13 @@ def render(ctx: BuildContext, results: dict[str, Result], out: Path, opts: Rende
     def extra_rows(li: int, c: int, boxes: list) -> list[list[np.ndarray]]:
         return [row for v in views for row in v.sprite_rows(ctx, atlas, results, li, c, boxes)]
 
-    draw_sprites(ctx, atlas, out, opts, extra_rows)
-    for v in views:
-        v.draw(ctx, atlas, results, out, opts)
-    write_pages(pages, out, opts.title)
+    # Every picture, then every page, each on opts.workers processes; the jobs are listed before
+    # the workers start, so they inherit all they read.  The views' jobs (fewer, larger) go first,
+    # so the many small sprite jobs even out the workers' loads at the end.
+    drawing = [job for v in views for job in v.draw_jobs(ctx, atlas, results, out, opts)]
+    drawing += sprite_jobs(ctx, atlas, out, opts, extra_rows)
+    workers.run(drawing, opts.workers, "drawing pictures", "pictures")
+    workers.run(page_jobs(pages, out, opts.title), opts.workers, "writing pages", "pages")
     write_search_index(out, atlas, pages, opts.title)
     public = {**atlas, "layers": [{**l, "channels": [{k: v for k, v in ch.items()} for ch in l["channels"]]}
                                   for l in atlas["layers"]]}

@@ -13,7 +13,7 @@ from sitegen.config import AttributionConfig, from_dict
 from sitegen.errors import ConfigError
 from sitegen.images import load_pixels, normalise
 from sitegen.passes import default_passes
-from sitegen.passes.attribution import AttributionPass, activation_report, unit_crops
+from sitegen.passes.attribution import AttributionPass, activation_report, plan_layer, unit_crops
 from sitegen.passes.base import Result
 from sitegen.passes.topk import TopKPass, channel_top
 from sitegen.crops import crop_box, display_box, resize_square
@@ -181,7 +181,8 @@ def test_default_passes_run_it_after_topk_unless_disabled():
 
 @pytest.fixture(scope="module")
 def small(built):
-    """One layer, two methods, batches of 16 pairs: 64 units in 4 work items; and the result of an
+    """One layer, two methods, batches of at most 16 images (64 units in 7 work items: an image's
+    units stay together, a batch's images have as many units each); and the result of an
     uninterrupted run without scratch."""
     ctx, _ = built
     topk = ctx.results["topk"]
@@ -221,14 +222,22 @@ def _killed_run(ctx, p, monkeypatch, after: int) -> None:
             p.run(ctx)
 
 
+def _starts(ctx, batch: int) -> list[slice]:
+    """The batches the pass cuts layer1.0.conv1 into (computed here from the plan, as the pass does)."""
+    plan = plan_layer(ctx, ctx.results["topk"], 0, AttributionConfig().max_side)
+    return plan.batches(batch)
+
+
 def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    batches = _starts(ctx, 16)
+    assert len(batches) >= 4
     _killed_run(ctx, p, monkeypatch, after=2)
     assert sorted(f.name for f in ctx.scratch.iterdir()) == ["item0.npz", "item1.npz"]
     calls = _count_batches(monkeypatch)
     resumed = p.run(ctx)
-    assert calls == [32, 48]  # only the batches not finished before the kill
+    assert calls == [s.start for s in batches[2:]]  # only the batches not finished before the kill
     _assert_same(resumed, whole)
     assert not ctx.scratch.exists()
 
@@ -236,24 +245,49 @@ def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
 def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    batches = _starts(ctx, 16)
     _killed_run(ctx, p, monkeypatch, after=3)
     data = (ctx.scratch / "item0.npz").read_bytes()
     (ctx.scratch / "item0.npz").write_bytes(data[: len(data) // 2])  # truncated by a crash
     calls = _count_batches(monkeypatch)
     resumed = p.run(ctx)
-    assert calls == [0, 48]
+    assert calls == [0] + [s.start for s in batches[3:]]
     _assert_same(resumed, whole)
     assert not ctx.scratch.exists()
 
 
 def test_items_saved_with_another_batch_size_are_not_reused(small, tmp_path, monkeypatch):
     """The default batch size follows the free memory, so a resumed run may cut its batches
-    differently: item 1 of batches of 16 (pairs 16-31) must not be taken for item 1 of batches of 24."""
+    differently: an item saved under the same index but for other pairs must not be reused; one
+    with the very same pairs may be."""
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
+    saved = _starts(ctx, 16)[:3]
     _killed_run(ctx, p, monkeypatch, after=3)
-    other = AttributionPass(AttributionConfig(methods=("guided", "gradient"), batch_size=24))
+    other = AttributionPass(AttributionConfig(methods=("guided", "gradient"), batch_size=1))
+    cut = _starts(ctx, 1)
+    # One image per batch: the first two items hold one image each in both cuts, the third not.
+    assert cut[:2] == saved[:2] and cut[2] != saved[2]
     calls = _count_batches(monkeypatch)
     resumed = other.run(ctx)
-    assert calls == [0, 24, 48]  # nothing matched a saved span: all recomputed
+    assert calls == [s.start for s in cut[2:]]  # item 2's file names other pairs: recomputed
     _assert_same(resumed, whole)
+
+
+def test_batches_keep_images_whole_and_equal_in_units():
+    """A hand-made plan: images 5 (3 units), 8 and 2 (2 each), then 4 images of 1 unit.  Batches of
+    at most 2 images: each image's units in one batch, a batch's images with as many units each."""
+    image = np.array([5, 5, 5, 8, 8, 2, 2, 1, 3, 6, 7])
+    n = len(image)
+    zeros = np.zeros(n, np.int64)
+    from sitegen.passes.attribution import LayerPlan
+
+    plan = LayerPlan(0, "x", 4, 5, 5, zeros, zeros, image, zeros, zeros, zeros, zeros)
+    got = [(s.start, s.stop) for s in plan.batches(2)]
+    assert got == [(0, 3), (3, 7), (7, 9), (9, 11)]
+    assert [(s.start, s.stop) for s in plan.batches(100)] == [(0, 3), (3, 7), (7, 11)]
+    for s in plan.batches(3):
+        ids, counts = np.unique(plan.image[s], return_counts=True)
+        assert len(ids) <= 3 and len(set(counts.tolist())) == 1
+        assert np.isin(image, ids).sum() == s.stop - s.start  # no unit of these images elsewhere
+    assert LayerPlan(0, "x", 4, 5, 5, *[np.zeros(0, np.int64)] * 7).batches(2) == []

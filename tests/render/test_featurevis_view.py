@@ -182,3 +182,23 @@ def test_without_the_pass_no_image_and_no_broken_link(built, tmp_path):
     assert "featurevis.html" not in parse(tmp_path / "index.html").urls
     for page in (layer, tmp_path / "layers" / "layer2.0" / "0.html", tmp_path / "correspondence.html"):
         assert_local_links_resolve(tmp_path, page)
+
+
+@pytest.mark.parametrize("meta, said, unsaid", [
+    ({"lr": 0.2, "lr_end": 0.01, "precision": "bf16", "stop_window": 8, "stop_gain": 0.01},
+     ["(learning rate 0.2 falling linearly to 0.01)", "run in bfloat16", "last 8 steps", "less than 0.01 of"],
+     []),
+    ({"lr": 0.05, "lr_end": 0.05, "precision": "fp32", "stop_window": 0, "stop_gain": 0.0},
+     ["(learning rate 0.05)"], ["falling linearly", "bfloat16", "stops early"]),
+])
+def test_the_page_states_the_schedule_the_precision_and_the_stopping(built, tmp_path, meta, said, unsaid):
+    """What the pass recorded in its meta about how the images were made is on the summary page."""
+    ctx, results = built
+    fv = copy.deepcopy(results["featurevis"])
+    fv.meta.update(meta)
+    render_site(ctx, {**results, "featurevis": fv}, tmp_path)
+    html = " ".join((tmp_path / "featurevis.html").read_text(encoding="utf-8").split())
+    for text in said:
+        assert text in html, text
+    for text in unsaid:
+        assert text not in html, text

@@ -9,6 +9,7 @@ get a red frame and are listed.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -158,14 +159,18 @@ class ActivationsView(View):
                 crumbs=crumbs + [("activations/index.html", "activation maps")]))
         return pages
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """The colour bar, then one job per sample image (its maps of every layer)."""
         from ..colormap import colorbar
 
         r = results["activations"]
         a, m = r.arrays, r.meta
-        save_png(colorbar(), out / "img/colorbar.png")
-        for s, n in enumerate(a["images"].tolist()):
+
+        def image(s: int, n: int) -> None:
             for li in range(len(m["layers"])):
                 mx = a[f"L{li}.max"][s]
                 picture, _ = map_grid(a[f"L{li}.maps"][s], float(mx.max()), mx <= 0)
                 save_png(picture, out / picture_path(n, li))
+
+        return [lambda: save_png(colorbar(), out / "img/colorbar.png")] + \
+            [functools.partial(image, s, n) for s, n in enumerate(a["images"].tolist())]

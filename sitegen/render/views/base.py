@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -51,7 +51,19 @@ class View:
         return []
 
     def draw(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path, opts: "RenderOptions") -> None:
-        pass
+        """Write the view's pictures under ``out``."""
+        for job in self.draw_jobs(ctx, atlas, results, out, opts):
+            job()
+
+    def draw_jobs(self, ctx: "BuildContext", atlas: dict, results: dict, out: Path,
+                  opts: "RenderOptions") -> list[Callable[[], Any]]:
+        """The view's drawing as independent jobs, which the renderer runs on several processes at
+        once: each writes files no other job (of this view or another) writes, or writes them with
+        the same bytes (the colour bar the occlusion and activation views share).  The default is one
+        job, :meth:`draw`; a view with many pictures overrides this (and not ``draw``) to split them."""
+        if type(self).draw is View.draw:
+            return []
+        return [lambda: self.draw(ctx, atlas, results, out, opts)]
 
     def estimate(self, ctx: "BuildContext", sizes: "SizeSamples") -> list["SiteItem"] | None:
         """The files this view will write for ``ctx`` (config, selected layers, images), estimated

@@ -19,6 +19,7 @@ rows must start at sprite row 1: its partial then follows the new model's top-k 
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ...passes.topk import channel_top
 from ..colormap import categories
 from ..pages import TILES_PER_PAGE, Page, channel_url, layer_url, slug
 from ..patches import save_image, sprite
+from ..workers import resolve
 from .base import View
 from .image_files import image_url, picture_url, safe_pixels
 from .tsne import layout
@@ -432,22 +434,28 @@ class CompareView(View):
 
     # -------------------------------------------------------------- pictures
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
-        pixels = PixelCache(lambda i: safe_pixels(ctx, i))
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """One job per channel (its old top-k sprite), then one per layer (its old feature-vis images)."""
+        # Decoded images are cached per process: each worker gets its share of the budget.
+        pixels = PixelCache(lambda i: safe_pixels(ctx, i), budget_bytes=max(64 << 20, (512 << 20) // resolve(opts.workers)))
         fmt = opts.image_format
-        for li, layer in enumerate(atlas["layers"]):
+
+        def old_sprite(li: int, name: str, c: int) -> None:
             info = ctx.layers[li]
-            for c in range(len(layer["channels"])):
-                patches = [crop_box(pixels(e["index"]), display_box(info.rf.box(*e["fmap_yx"]), ctx.input_size))
-                           for e in self._old_top(results, atlas, li, c)]
-                save_image(sprite([patches], opts.patch_size, max(atlas["k"], 1)),
-                           out / old_sprite_url(layer["name"], c, fmt), fmt)
+            patches = [crop_box(pixels(e["index"]), display_box(info.rf.box(*e["fmap_yx"]), ctx.input_size))
+                       for e in self._old_top(results, atlas, li, c)]
+            save_image(sprite([patches], opts.patch_size, max(atlas["k"], 1)), out / old_sprite_url(name, c, fmt), fmt)
+
+        jobs = [functools.partial(old_sprite, li, layer["name"], c)
+                for li, layer in enumerate(atlas["layers"]) for c in range(len(layer["channels"]))]
         old_fv = results.get("featurevis_old")
         if old_fv is None:
-            return
-        for layer in atlas["layers"]:
-            if layer["name"] not in old_fv.meta.get("layers", []):
-                continue
-            fi = old_fv.meta["layers"].index(layer["name"])
+            return jobs
+
+        def old_featurevis(name: str, fi: int) -> None:
             for c, img in enumerate(old_fv.arrays[f"L{fi}.images"]):
-                save_image(np.ascontiguousarray(img), out / old_featurevis_url(layer["name"], c), "png")
+                save_image(np.ascontiguousarray(img), out / old_featurevis_url(name, c), "png")
+
+        names = old_fv.meta.get("layers", [])
+        return jobs + [functools.partial(old_featurevis, layer["name"], names.index(layer["name"]))
+                       for layer in atlas["layers"] if layer["name"] in names]

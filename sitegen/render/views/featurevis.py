@@ -9,6 +9,7 @@ WebP's blocks would show.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +155,20 @@ class FeatureVisView(View):
                               example="classes/index.html"))
         return items
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """One job per layer (its channels' images), then one for the class images."""
         r = results["featurevis"]
-        for layer in atlas["layers"]:
-            fi = self._layer_index(results, layer["name"])
-            if fi is None:
-                continue
+
+        def layer(name: str, fi: int) -> None:
             for c, img in enumerate(r.arrays[f"L{fi}.images"]):
-                save_image(np.ascontiguousarray(img), out / channel_image_url(layer["name"], c), "png")
-        for k, img in enumerate(r.arrays.get("classes.images", np.zeros((0, 1, 1, 3), np.uint8))):
-            save_image(np.ascontiguousarray(img), out / class_image_url(k), "png")
+                save_image(np.ascontiguousarray(img), out / channel_image_url(name, c), "png")
+
+        def classes() -> None:
+            for k, img in enumerate(r.arrays.get("classes.images", np.zeros((0, 1, 1, 3), np.uint8))):
+                save_image(np.ascontiguousarray(img), out / class_image_url(k), "png")
+
+        indices = {l["name"]: self._layer_index(results, l["name"]) for l in atlas["layers"]}
+        return [functools.partial(layer, name, fi) for name, fi in indices.items() if fi is not None] + [classes]
 
 
 def image_bytes(h: int, w: int) -> float:
@@ -184,7 +189,8 @@ def _annotate(layer: dict, objective: np.ndarray) -> None:
 
 
 def _settings(meta: dict) -> dict[str, Any]:
-    keys = ("steps", "lr", "jitter", "size", "decorrelate", "seed", "redirect_steps")
+    keys = ("steps", "lr", "lr_end", "precision", "jitter", "size", "decorrelate", "seed", "redirect_steps",
+            "stop_window", "stop_gain")
     return {k: meta[k] for k in keys if k in meta}
 
 

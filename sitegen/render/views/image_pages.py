@@ -8,6 +8,7 @@ colour bars and a class legend), a link to its activation maps, its place in the
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,12 @@ class ImagePagesView(View):
                               crumbs=[("index.html", "atlas")]))
         return pages
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
-        for n in self.image_ids(results, ctx.images):
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """One job per image (its picture)."""
+        def image(n: int) -> None:
             save_jpeg(safe_pixels(ctx, n), out / picture_url(ctx.images.records[n].rel))
+
+        return [functools.partial(image, n) for n in self.image_ids(results, ctx.images)]
 
 
 def _index(results: dict, name: str) -> dict[int, int]:

@@ -15,6 +15,7 @@ block of filters, one picture per block of input channels.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -206,19 +207,22 @@ class KernelsView(View):
                      title=f"Kernels · {opts.title}", crumbs=crumbs)
         return [index] + pages
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
-
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """The grey bar and the first layer's mosaics, then one job per layer's kernel grids."""
         r = results["kernels"]
         a, m = r.arrays, r.meta
         block = int(m["block"])
-        save_png(greybar(), out / "img/kernels/greybar.png")
-        if "first.weight" in a and a["first.weight"].shape[1] in (1, 3):
-            w = a["first.weight"]
-            columns = math.ceil(math.sqrt(len(w)))
-            scale = max(1, 48 // max(w.shape[2], w.shape[3]))  # first-layer filters ~48 px: the figure
-            save_png(mosaic(rgb_tiles(w, each=True), columns, scale, 2), out / "img/kernels/first-each.png")
-            save_png(mosaic(rgb_tiles(w, each=False), columns, scale, 2), out / "img/kernels/first-shared.png")
-        for li, name in enumerate(m["layers"]):
+
+        def first() -> None:
+            save_png(greybar(), out / "img/kernels/greybar.png")
+            if "first.weight" in a and a["first.weight"].shape[1] in (1, 3):
+                w = a["first.weight"]
+                columns = math.ceil(math.sqrt(len(w)))
+                scale = max(1, 48 // max(w.shape[2], w.shape[3]))  # first-layer filters ~48 px: the figure
+                save_png(mosaic(rgb_tiles(w, each=True), columns, scale, 2), out / "img/kernels/first-each.png")
+                save_png(mosaic(rgb_tiles(w, each=False), columns, scale, 2), out / "img/kernels/first-shared.png")
+
+        def layer(li: int, name: str) -> None:
             w = a[f"L{li}.weight"]
             peak = float(np.abs(w).max())
             scale = tile_scale(max(w.shape[2], w.shape[3]))
@@ -227,3 +231,5 @@ class KernelsView(View):
                 for q in range(n_cols):
                     part = w[p * block:(p + 1) * block, q * block:(q + 1) * block]
                     save_png(grey_grid(part, peak, scale), out / f"img/kernels/{slug(name)}/{p}-{q}.png")
+
+        return [first] + [functools.partial(layer, li, name) for li, name in enumerate(m["layers"])]

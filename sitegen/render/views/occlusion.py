@@ -7,6 +7,7 @@ viridis scale from that map's minimum to its maximum (the numbers are printed un
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,20 @@ class OcclusionView(View):
                 SiteItem("occlusion", "occlusion page", 2, HTML["index"] + 300
                          + len(ids) * (HTML["item"] + 2 * t.rel + t.label), example="occlusion/index.html")]
 
-    def draw(self, ctx, atlas: dict, results: dict, out: Path, opts) -> None:
+    def draw_jobs(self, ctx, atlas: dict, results: dict, out: Path, opts) -> list:
+        """The colour bar, then one job per sample image (its three overlays)."""
         r = results["occlusion"]
         factor = display_factor(ctx.input_size)
         stride = int(r.meta["stride"])
-        save_png(colorbar(), out / COLORBAR)
-        for s, n in enumerate(r.arrays["images"].tolist()):
+
+        def image(s: int, n: int) -> None:
             pixels = safe_pixels(ctx, n)
             urls = map_urls(n)
             for key, heat in heatmaps(r, s).items():
                 save_png(upscale(overlay(pixels, heat, stride), factor), out / urls[key])
+
+        return [lambda: save_png(colorbar(), out / COLORBAR)] + \
+            [functools.partial(image, s, n) for s, n in enumerate(r.arrays["images"].tolist())]
 
 
 def occlusion_context(ctx, atlas: dict, r, s: int, layer_url) -> dict[str, Any]:
