@@ -229,7 +229,7 @@ def build_one(plan: ModelPlan, device_name: str, work: Path, deadline: float) ->
 
     sys.path.insert(0, str(REPO))
     from sitegen import progress
-    from sitegen.build import BuildReport, prepare, site_size
+    from sitegen.build import prepare, site_size
     from sitegen.config import from_dict
     from sitegen.output import publish, staging_dir
     from sitegen.passes import default_passes
@@ -252,7 +252,6 @@ def build_one(plan: ModelPlan, device_name: str, work: Path, deadline: float) ->
     }
     out["seconds"]["bare_forward"] = bare = bare_forward(ctx)
     out["bare_forward_images_per_s"] = len(ctx.images) / bare
-    report = BuildReport(index=work / "unused")
     results: dict = {}
     ctx.results = results
     passes: dict[str, Any] = {}

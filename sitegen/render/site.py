@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jinja2
 import numpy as np
 
-from .. import __version__, progress
+from .. import __version__
 from ..context import BuildContext
 from ..crops import PixelCache, crop_box, display_box
 from ..images import display_pixels, shown
