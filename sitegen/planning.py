@@ -28,7 +28,7 @@ import torch
 from .context import BuildContext
 from .errors import ImageError
 from .hooks import StopForward, get_module, model_guard, run_until
-from .images import load_pixels, normalise
+from .images import as_rgb, load_pixels, normalise
 
 
 # ---------------------------------------------------------------- time
@@ -376,14 +376,19 @@ class SizeSamples:
         return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
 
     def pixels(self, i: int) -> np.ndarray:
-        """Image ``i`` as the pages use it; a grey image when it cannot be decoded."""
+        """Image ``i`` as the model reads it (H×W×C, C the model's input channels); a plain grey image
+        when it cannot be decoded."""
         if i not in self._pixels:
             try:
                 self._pixels[i] = load_pixels(self.ctx.images, i, self.ctx.config.data)
             except ImageError:
                 h, w = self.ctx.input_size
-                self._pixels[i] = np.full((h, w, 3), 128, dtype=np.uint8)
+                self._pixels[i] = np.full((h, w, self.ctx.channels), 128, dtype=np.uint8)
         return self._pixels[i]
+
+    def shown(self, i: int) -> np.ndarray:
+        """Image ``i`` as the pages draw it: RGB (a grey model's input repeated over three channels)."""
+        return as_rgb(self.pixels(i))
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self._memo:

@@ -111,7 +111,8 @@ def test_grey_model_builds_end_to_end_on_non_square_images(tmp_path, capfd):
     _colour_images(root, 12, (20, 12))
     out = tmp_path / "site"
     cfg = corpus.fast_config(tmp_path / "c.toml", topk={"k": 3},
-                             attribution={"enabled": True}, kernels={"enabled": True},
+                             attribution={"enabled": True}, sanity={"enabled": True},
+                             kernels={"enabled": True},
                              activations={"enabled": True}, occlusion={"enabled": True},
                              featurevis={"enabled": True, "steps": 3}, tsne={"enabled": True, "iterations": 250,
                                                                            "perplexity": 3.0},
@@ -141,7 +142,8 @@ def test_grey_model_builds_end_to_end_on_non_square_images(tmp_path, capfd):
     assert sprites and all(_grey(p, 2) for p in sprites)
     kernels = (out / "kernels" / "index.html").read_text()
     assert "one grey channel" in kernels and "first-each.png" in kernels
-    for page in ("occlusion/index.html", "activations/index.html", "tsne/index.html", "featurevis.html"):
+    for page in ("occlusion/index.html", "activations/index.html", "tsne/index.html", "featurevis.html",
+                 "sanity.html"):
         assert (out / page).is_file(), page
 
 

@@ -436,7 +436,7 @@ class SanityPass(AnalysisPass):
         batch = ctx.batch_size(cfg.batch_size)
         fits = AttributionPass(acfg).unit_fits(ctx, probe, ctx.batch_size(acfg.batch_size))
         h, w = ctx.input_size
-        shape = (3, h, w)
+        shape = (ctx.channels, h, w)
 
         def window(name: str) -> tuple[int, int]:
             """(pixels of the window inside the image, side of the display crop) of a layer's units."""
@@ -503,13 +503,13 @@ class SanityPass(AnalysisPass):
         batch = ctx.batch_size(cfg.batch_size)
         if ctx.dist.active:  # the same batches on every rank, as the attribution pass
             batch = int(all_reduce(torch.tensor([batch]), op=torch.distributed.ReduceOp.MIN).item())
-        proofs = {name: {m: image_independent(ctx.net, name, m, (3, *ctx.input_size)) for m in methods}
+        proofs = {name: {m: image_independent(ctx.net, name, m, (ctx.channels, *ctx.input_size)) for m in methods}
                   for name in layers}
         pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=256 << 20)
         mine = list(ctx.dist.items(len(samples)))  # layers, in execution order
         store = ItemStore(ctx.scratch)
         figures: dict[int, dict[str, np.ndarray]] = {}
-        rand = Randomiser(ctx.net, layers, (3, *ctx.input_size), cfg.seed)
+        rand = Randomiser(ctx.net, layers, (ctx.channels, *ctx.input_size), cfg.seed)
         if rand.reason and ctx.dist.is_main:
             progress.info(f"warning: sanity checks: {rand.reason}; only the image and edge checks ran")
         try:

@@ -84,7 +84,7 @@ def row0_bytes(ctx: BuildContext, sizes: SizeSamples, layer: LayerInfo) -> float
         units = sample_units(ctx, sizes, layer, SPRITES_PER_LAYER * k)
         out = []
         for s in range(0, len(units), k):
-            cells = [crop_box(sizes.pixels(i), display_box(layer.rf.box(y, x), ctx.input_size))
+            cells = [crop_box(sizes.shown(i), display_box(layer.rf.box(y, x), ctx.input_size))
                      for i, _c, y, x in units[s:s + k]]
             out.append(len(encode(sprite([cells], cfg.site.patch_size, k), cfg.site.image_format)))
         return float(np.mean(out)) if out else 0.0

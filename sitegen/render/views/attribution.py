@@ -270,7 +270,7 @@ class AttributionView(View):
                 return {m: 0.0 for m in methods}
             plan, crops = attribute_units(ctx, name, units, methods, cfg.attribution.max_side, sizes.pixels)
             w = plan.window
-            patches = [crop_box(sizes.pixels(int(i)), (int(x), int(y), int(x) + w, int(y) + w))
+            patches = [crop_box(sizes.shown(int(i)), (int(x), int(y), int(x) + w, int(y) + w))
                        for i, x, y in zip(plan.image, plan.x0, plan.y0)]
             rows = [patches]
             n = len(patches)

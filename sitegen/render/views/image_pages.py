@@ -54,7 +54,7 @@ class ImagePagesView(View):
             return []
 
         def measure() -> float:
-            return float(np.mean([len(jpeg_bytes(sizes.pixels(i))) for i in sizes.image_ids(SIZE_IMAGES)]))
+            return float(np.mean([len(jpeg_bytes(sizes.shown(i))) for i in sizes.image_ids(SIZE_IMAGES)]))
 
         jpeg = sizes.memo("image-jpeg", measure)
         t = texts(ctx, sizes)

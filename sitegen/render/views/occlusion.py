@@ -102,7 +102,7 @@ class OcclusionView(View):
             rng = np.random.default_rng(0)
             out = []
             for n in ids[:SIZE_SAMPLES]:
-                pixels = sizes.pixels(n)
+                pixels = sizes.shown(n)
                 for heat in (viridis(rng.random((geo.rows, geo.cols))),
                              viridis(scale(rng.random((geo.rows, geo.cols)), 0.0, 1.0)),
                              rng.integers(0, 256, (geo.rows, geo.cols, 3), dtype=np.uint8)):

@@ -91,7 +91,7 @@ class TsneView(View):
 
         def measure() -> float:
             ids = sizes.image_ids(SPRITE_COLUMNS)
-            sheet = np.concatenate([thumbnail(sizes.pixels(i), thumb) for i in ids], axis=1)
+            sheet = np.concatenate([thumbnail(sizes.shown(i), thumb) for i in ids], axis=1)
             return len(jpeg_bytes(sheet)) / (sheet.shape[0] * sheet.shape[1])
 
         per_px = sizes.memo(f"tsne-thumbs:{thumb}", measure)
