@@ -55,7 +55,7 @@ import torch
 
 from .. import progress
 from ..activation_rules import ActivationReport, find_activations
-from ..attribution import AttributionWarning, attribute_methods, normalise_for_display
+from ..attribution import AttributionWarning, attribute_methods, image_independent, normalise_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
@@ -147,9 +147,58 @@ def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
     return resize_square(img, side) if img.shape[0] != side else img
 
 
+SHARED = "deconvnet"
+"""The method whose picture can be proved the same for every image (see :func:`share_units`)."""
+
+
+@dataclass
+class Sharing:
+    """Which units of a layer take their deconvnet picture from another unit's.
+
+    ``rep[i]`` is the pair whose picture pair ``i`` shows (``rep[i] == i`` for the pairs computed).
+    Deconvnet's backward through a network without max-pooling reads no forward value (proved by
+    :func:`sitegen.attribution.image_independent`), so a unit's picture is the same on every image:
+    units of one channel at one position share it.  Convolutions, average pooling and the other
+    linear steps are also the same at every position, so a unit whose receptive field lies wholly
+    inside the image (its backward never reaches the zero padding) has the same picture, relative to
+    its window, as every other such unit of its channel: one is computed per channel for all of
+    them (``translated``; checked on the first unit that takes another position's picture, else
+    only units at the same position share).  Units at the border are computed per position."""
+
+    rep: np.ndarray
+    translated: bool
+    reason: str
+
+    @property
+    def computed(self) -> int:
+        return int((self.rep == np.arange(len(self.rep))).sum())
+
+
+def inside_image(box: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
+    """Whether a receptive field ``(x0, y0, x1, y1)`` lies wholly inside an image of ``(h, w)``: the
+    unit's backward then never reaches the zero padding."""
+    x0, y0, x1, y1 = box
+    return x0 >= 0 and y0 >= 0 and x1 <= size[1] and y1 <= size[0]
+
+
+def share_units(ctx: BuildContext, plan: LayerPlan, translated: bool) -> np.ndarray:
+    """For each pair of ``plan``, the first pair with the same picture (see :class:`Sharing`): the
+    same channel and position, or with ``translated`` the same channel for units whose receptive
+    field lies inside the image."""
+    info = ctx.layer(plan.name)
+    h, w = ctx.input_size
+    first: dict[tuple, int] = {}
+    rep = np.empty(len(plan), dtype=np.int64)
+    for i, (c, y, x) in enumerate(zip(plan.c.tolist(), plan.y.tolist(), plan.x.tolist())):
+        inside = translated and not info.rf.pooled and inside_image(info.rf.box(y, x), (h, w))
+        key = (c,) if inside else (c, y, x)
+        rep[i] = first.setdefault(key, i)
+    return rep
+
+
 class AttributionPass(AnalysisPass):
     name = "attribution"
-    version = 2
+    version = 3
     distributed = True
     config: AttributionConfig
 
@@ -186,33 +235,56 @@ class AttributionPass(AnalysisPass):
                for p in plans}
         # Work items: every batch of every layer, in order; under torchrun each rank takes its share
         # and rank 0 gathers the crops (one process takes them all).
+        # Layers whose deconvnet picture is proved the same on every image: computed once per
+        # channel and position (or per channel, inside the image) after the other methods.
+        sharing = self._sharing(ctx, plans, methods, pixels) if SHARED in methods else {}
+        if sharing and ctx.dist.is_main:
+            units = sum(len(p) for p in plans if p.index in sharing)
+            progress.info(f"attribution: deconvnet is proved the same on every image in {len(sharing)} of "
+                          f"{len(plans)} layers (no max-pooling or gate before them): "
+                          f"{sum(sh.computed for sh in sharing.values()):,} pictures computed for {units:,} units")
         items = [(p, s) for p in plans for s in p.batches(batch)]
         mine = ctx.dist.items(len(items))
         store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
-        total = sum(len(items[i][0].c[items[i][1]]) for i in mine) * len(methods)
+
+        def item_methods(plan: LayerPlan) -> list[str]:
+            return [m for m in methods if not (m == SHARED and plan.index in sharing)]
+
+        total = sum(len(items[i][0].c[items[i][1]]) * len(item_methods(items[i][0])) for i in mine)
+        total += sum(sh.computed for sh in sharing.values()) if ctx.dist.is_main else 0
         with progress.bar("attribution", total, "units") as advance, warnings.catch_warnings():
             warnings.simplefilter("ignore", AttributionWarning)
             for i in mine:
                 plan, s = items[i]
+                todo = item_methods(plan)
+                if not todo:
+                    continue
                 o, cs, js = out[plan.index], plan.c[s], plan.j[s]
                 span = (plan.index, s.start, s.start + len(cs))  # the same index may name other pairs
-                saved = store.load(i, methods, span)
+                saved = store.load(i, todo, span)
                 want = (len(cs), plan.side, plan.side, 3)
-                if saved is not None and all(saved[m].shape == want and saved[m].dtype == np.uint8 for m in methods):
-                    for m in methods:
+                if saved is not None and all(saved[m].shape == want and saved[m].dtype == np.uint8 for m in todo):
+                    for m in todo:
                         o[m][cs, js] = saved[m]
                 else:
-                    self._batch(ctx, plan, s, methods, pixels, o)
-                    store.save(i, {m: o[m][cs, js] for m in methods}, span)
-                advance(len(cs) * len(methods))
+                    self._batch(ctx, plan, s, todo, pixels, o)
+                    store.save(i, {m: o[m][cs, js] for m in todo}, span)
+                advance(len(cs) * len(todo))
+            if ctx.dist.is_main:  # the shared pictures are few: rank 0 computes them all
+                for p in plans:
+                    if p.index in sharing:
+                        self._shared(ctx, p, sharing[p.index], batch, pixels, out[p.index][SHARED], advance)
         if ctx.dist.active:
-            self._gather(items, mine, methods, out)
+            self._gather(items, mine, item_methods, out)
         store.clear()
         arrays = {f"L{li}.{m}": out[li][m] for li in out for m in methods}
         meta = {"layers": list(topk.meta["layers"]), "methods": methods, "k": k,
                 "windows": [p.window for p in plans], "sides": [p.side for p in plans],
                 "units": int(sum(len(p) for p in plans)), "percentile": PERCENTILE,
-                "activations": report.to_dict()}
+                "activations": report.to_dict(),
+                "shared": {p.name: {"method": SHARED, "units": len(p), "computed": sharing[p.index].computed,
+                                    "translated": sharing[p.index].translated, "reason": sharing[p.index].reason}
+                           for p in plans if p.index in sharing}}
         return Result(meta=meta, arrays=arrays)
 
     def plan(self, ctx: BuildContext, probe: Probe) -> PassPlan:
@@ -227,12 +299,35 @@ class AttributionPass(AnalysisPass):
         units = {l.name: l.channels * k for l in ctx.layers}
         fits = self.unit_fits(ctx, probe, batch)
         world = max(1, ctx.dist.world)
-        seconds = sum(fits[n].batched(u, batch) for n, u in units.items()) / world
+        seconds = 0.0
+        for n, u in units.items():
+            full = fits[n].batched(u, batch)
+            shared = self._shared_estimate(ctx, n, u) if SHARED in methods else None
+            if shared is None:
+                seconds += full
+            else:  # deconvnet's share of the batch time, for the pictures computed once instead of per unit
+                seconds += full * (len(methods) - 1) / len(methods) + fits[n].batched(shared, batch) / len(methods)
+        seconds /= world
         total = sum(units.values())
         seconds += min(len(ctx.images), total) * probe.decode_seconds() / world
         return PassPlan(self.name, seconds, {"units": total, "methods": len(methods), "layers": len(names),
                                              "batch": batch},
                         f"{count(total)} units × {len(methods)} method{'s' if len(methods) > 1 else ''}")
+
+    @staticmethod
+    def _shared_estimate(ctx: BuildContext, name: str, units: int) -> int | None:
+        """Deconvnet pictures the pass will compute for ``units`` units of layer ``name`` when they are
+        shared (None when deconvnet is not proved image-independent there): one per channel for the
+        units inside the image, and one per unit at the border, counting the units as spread over the
+        feature map (the share of positions whose field lies inside the image)."""
+        info = ctx.layer(name)
+        if info.rf.pooled or not image_independent(ctx.net, name, SHARED, (ctx.channels, *ctx.input_size)):
+            return None
+        h, w = ctx.input_size
+        fh, fw = info.shape[1], info.shape[2]
+        inside = sum(inside_image(info.rf.box(y, x), (h, w)) for y in range(fh) for x in range(fw))
+        share = inside / max(1, fh * fw)
+        return min(units, int(round(units * (1 - share))) + (info.channels if inside else 0))
 
     def unit_fits(self, ctx: BuildContext, probe: Probe, batch: int) -> dict[str, Fit]:
         """Per shown layer, seconds of a batch of n units (one forward to the layer, one backward per
@@ -258,6 +353,58 @@ class AttributionPass(AnalysisPass):
 
         return run
 
+    def _sharing(self, ctx: BuildContext, plans: list[LayerPlan], methods: list[str],
+                 pixels: PixelCache) -> dict[int, Sharing]:
+        """The layers whose deconvnet picture :func:`image_independent` proves the same on every image,
+        with the pairs that share a picture.  Sharing across positions inside the image follows from
+        the linear steps being the same at every position; it is confirmed on the first unit that
+        takes the picture of another position (both computed, compared crop by crop; a
+        difference beyond one grey level turns it off for the layer)."""
+        out: dict[int, Sharing] = {}
+        shape = (ctx.channels, *ctx.input_size)
+        for p in plans:
+            if not len(p):
+                continue
+            proof = image_independent(ctx.net, p.name, SHARED, shape)
+            if not proof:
+                continue
+            rep = share_units(ctx, p, translated=True)
+            translated = False
+            moved = np.flatnonzero((p.y != p.y[rep]) | (p.x != p.x[rep]))  # a picture shared across positions
+            if len(moved):
+                i = int(moved[0])
+                r = int(rep[i])
+                two = self._pictures(ctx, p, np.array(sorted((r, i))), 2, pixels)
+                a, b = (two[(int(p.c[q]), int(p.j[q]))].astype(np.int16) for q in (r, i))
+                translated = bool(np.abs(a - b).max() <= 1)
+            if not translated:
+                rep = share_units(ctx, p, translated=False)
+            out[p.index] = Sharing(rep, translated, proof.reason)
+        return out
+
+    def _pictures(self, ctx: BuildContext, plan: LayerPlan, picks: np.ndarray, batch: int,
+                  pixels: PixelCache) -> dict[tuple[int, int], np.ndarray]:
+        """Deconvnet crops of the pairs ``picks`` (indices into ``plan``, ascending), by (channel, slot)."""
+        sub = LayerPlan(plan.index, plan.name, plan.channels, plan.window, plan.side, plan.c[picks], plan.j[picks],
+                        plan.image[picks], plan.y[picks], plan.x[picks], plan.x0[picks], plan.y0[picks])
+        got: dict[str, _Slots] = {SHARED: _Slots()}
+        for s in sub.batches(batch):
+            self._batch(ctx, sub, s, [SHARED], pixels, got)
+        return got[SHARED]
+
+    def _shared(self, ctx: BuildContext, plan: LayerPlan, sharing: Sharing, batch: int, pixels: PixelCache,
+                out: np.ndarray, advance) -> None:
+        """Compute each shared picture once (on its representative's own image) and give it to every
+        pair that shares it."""
+        reps = np.unique(sharing.rep)
+        for lo in range(0, len(reps), batch):
+            picks = reps[lo:lo + batch]
+            crops = self._pictures(ctx, plan, picks, batch, pixels)
+            for q in picks:
+                out[plan.c[q], plan.j[q]] = crops[(int(plan.c[q]), int(plan.j[q]))]
+            advance(len(picks))
+        out[plan.c, plan.j] = out[plan.c[sharing.rep], plan.j[sharing.rep]]
+
     @staticmethod
     def _example(ctx: BuildContext, plans: list[LayerPlan], pixels: PixelCache) -> torch.Tensor | tuple[int, ...]:
         """One preprocessed image the atlas uses (the model's real input), for finding activations;
@@ -269,17 +416,18 @@ class AttributionPass(AnalysisPass):
         return normalise(stacked, ctx.config.data)
 
     @staticmethod
-    def _gather(items: list[tuple[LayerPlan, slice]], mine: range, methods: list[str],
+    def _gather(items: list[tuple[LayerPlan, slice]], mine: range, methods_of,
                 out: dict[int, dict[str, np.ndarray]]) -> None:
-        """Rank 0 receives every other rank's crops and writes them into its arrays."""
+        """Rank 0 receives every other rank's crops (of the methods ``methods_of(plan)`` each item
+        computed) and writes them into its arrays."""
         pieces = [(i, {m: out[items[i][0].index][m][items[i][0].c[items[i][1]], items[i][0].j[items[i][1]]]
-                       for m in methods}) for i in mine]
+                       for m in methods_of(items[i][0])}) for i in mine]
         gathered = gather_to_main(pieces)
         for rank_pieces in gathered or []:
             for i, crops in rank_pieces:
                 plan, s = items[i]
-                for m in methods:
-                    out[plan.index][m][plan.c[s], plan.j[s]] = crops[m]
+                for m, crop in crops.items():
+                    out[plan.index][m][plan.c[s], plan.j[s]] = crop
 
     def _batch(self, ctx: BuildContext, plan: LayerPlan, s: slice, methods: list[str],
                pixels: PixelCache, out: dict[str, np.ndarray]) -> None:

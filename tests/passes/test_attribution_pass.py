@@ -291,3 +291,59 @@ def test_batches_keep_images_whole_and_equal_in_units():
         assert len(ids) <= 3 and len(set(counts.tolist())) == 1
         assert np.isin(image, ids).sum() == s.stop - s.start  # no unit of these images elsewhere
     assert LayerPlan(0, "x", 4, 5, 5, *[np.zeros(0, np.int64)] * 7).batches(2) == []
+
+
+# ---------------------------------------------------------------- deconvnet computed once per picture
+
+def _unshared(ctx, cfg, monkeypatch):
+    """The pass with the shortcut off: every unit's deconvnet computed from its own image."""
+    from sitegen.attribution import Independence
+    from sitegen.passes import attribution as pass_module
+
+    with monkeypatch.context() as m:
+        m.setattr(pass_module, "image_independent", lambda *a, **k: Independence(False, "off for the test"))
+        return AttributionPass(cfg).run(ctx)
+
+
+def test_deconvnet_shared_pictures_equal_the_per_unit_ones_without_max_pooling(built, monkeypatch):
+    """ResNet-20 has no max-pooling, so deconvnet's picture is the same on every image: the pass
+    computes it once per channel (inside the image) or per position (at the border) and copies it.
+    Every copied crop equals the unit's own computation, and the count of computed pictures is
+    derived here from the receptive fields, independently of the pass."""
+    ctx, shared = built
+    plain = _unshared(ctx, AttributionConfig(), monkeypatch)
+    assert plain.meta["shared"] == {}
+    meta = shared.meta["shared"]
+    assert set(meta) == set(LAYERS)
+    h, w = ctx.input_size
+    for li, layer in enumerate(LAYERS):
+        a, b = shared.arrays[f"L{li}.deconvnet"], plain.arrays[f"L{li}.deconvnet"]
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, layer
+        for m in ("guided", "gradient"):  # the other methods are computed as before
+            assert np.array_equal(shared.arrays[f"L{li}.{m}"], plain.arrays[f"L{li}.{m}"])
+        rf, plan = ctx.layer(layer).rf, plan_layer(ctx, ctx.results["topk"], li, 64)
+        keys = set()
+        for c, y, x in zip(plan.c.tolist(), plan.y.tolist(), plan.x.tolist()):
+            x0, y0, x1, y1 = rf.box(y, x)
+            keys.add((c,) if meta[layer]["translated"] and x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h else (c, y, x))
+        assert meta[layer]["computed"] == len(keys) and meta[layer]["units"] == len(plan)
+    # a 5-px field on 32-px images: most units lie inside, one picture per channel serves them all
+    first = meta["layer1.0.conv1"]
+    assert first["translated"] and first["computed"] < 0.7 * first["units"]
+    assert "same for every image" in first["reason"]
+
+
+def test_deconvnet_is_computed_per_unit_through_max_pooling(tmp_path, paths, make_images, tiny_checkpoint, monkeypatch):
+    """Max-pooling's backward follows the forward's switches: behind it (conv2) no sharing, every unit
+    computed; before it (conv1) shared, and equal to the per-unit computation."""
+    cfg = from_dict({"model": {"arch": paths["tiny_arch"]}, "topk": {"k": 3}})
+    make_images(tmp_path / "imgs", 6)
+    ctx = prepare(tiny_checkpoint, tmp_path / "imgs", cfg, None)
+    ctx.results["topk"] = TopKPass(cfg.topk).run(ctx)
+    result = AttributionPass(cfg.attribution).run(ctx)
+    assert list(result.meta["shared"]) == ["conv1"]
+    plain = _unshared(ctx, cfg.attribution, monkeypatch)
+    for key in result.arrays:
+        diff = np.abs(result.arrays[key].astype(int) - plain.arrays[key].astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, key

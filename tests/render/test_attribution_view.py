@@ -97,6 +97,21 @@ def test_channel_page_has_the_method_switch_and_the_normalisation(site):
     assert not re.search(r"<[^>]+\son[a-z]+\s*=", html)  # no inline handlers: the CSP would block them
 
 
+def test_channel_page_says_when_deconvnet_was_computed_once_and_shared(site):
+    """ResNet-20 has no max-pooling: the deconvnet note of every shown layer says its picture is the
+    same on every image and how many were computed, with the pass's own counts."""
+    _, results, out, _ = site
+    shared = results["attribution"].meta["shared"]
+    assert set(shared) == set(LAYERS)
+    for layer in LAYERS:
+        html = (out / "layers" / layer / "0.html").read_text(encoding="utf-8")
+        note = re.search(r'data-attr-note="deconvnet"[^>]*>(.*?)</p>', html, re.S).group(1)
+        assert "the same on every image" in note and "proved from the model" in note
+        assert f"{shared[layer]['computed']:,} pictures for {shared[layer]['units']:,} units" in note
+        other = re.search(r'data-attr-note="guided"[^>]*>(.*?)</p>', html, re.S).group(1)
+        assert "same on every image" not in other
+
+
 def test_block_and_branch_pages_link_to_their_stage_view(site):
     _, _, out, _ = site
     for layer in ("layer1.1", "layer1.2", "layer1.1.conv2"):

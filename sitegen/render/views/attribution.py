@@ -76,6 +76,19 @@ def normalisation_note(percentile: float, window: int | None = None, side: int |
     return text
 
 
+def shared_note(meta: dict, layer: str | None, method: str) -> str:
+    """For a layer whose pictures of ``method`` the pass computed once and shared (the attribution
+    pass's ``shared`` meta), what that means for the reader; empty otherwise."""
+    shared = meta.get("shared", {}).get(layer) if layer else None
+    if not shared or shared["method"] != method:
+        return ""
+    where = ("once per channel for the units whose field lies inside the image, and once per position at "
+             "the border" if shared["translated"] else "once per channel and position")
+    return (f" In this layer its picture of a unit is the same on every image, proved from the model "
+            f"({shared['reason']}): it was computed {where}, {shared['computed']:,} pictures for "
+            f"{shared['units']:,} units.")
+
+
 def unruled_kinds(r: "Result", layers: list[str]) -> list[str]:
     """The kinds without a rule on the path to any of ``layers`` (in the report's order); none when
     no method with rules was computed."""
@@ -113,9 +126,11 @@ class AttributionView(View):
         n = len(patch_boxes)
         return [list(unit_crops(r, layer, c, m)[:n]) for m in r.meta["methods"]]
 
-    def _methods(self, results: dict) -> list[dict[str, Any]]:
-        return [{"name": m, "label": LABELS[m], "note": NOTES[m], "row": FIRST_ROW + i, "checked": i == 0}
-                for i, m in enumerate(results["attribution"].meta["methods"])]
+    def _methods(self, results: dict, layer: str | None = None) -> list[dict[str, Any]]:
+        meta = results["attribution"].meta
+        return [{"name": m, "label": LABELS[m], "note": NOTES[m] + shared_note(meta, layer, m),
+                 "row": FIRST_ROW + i, "checked": i == 0}
+                for i, m in enumerate(meta["methods"])]
 
     def channel_context(self, ctx: "BuildContext", atlas: dict, results: dict, li: int, c: int) -> dict[str, Any]:
         r = results["attribution"]
@@ -125,7 +140,7 @@ class AttributionView(View):
         link = None
         if stage is not None:
             link = {"url": f"stages/{stage.slug}/{c}.html", "stage": stage.stage, "caffe": stage.caffe}
-        return {"methods": self._methods(results), "default_row": FIRST_ROW,
+        return {"methods": self._methods(results, layer), "default_row": FIRST_ROW,
                 "normalisation": normalisation_note(r.meta["percentile"], r.meta["windows"][i], r.meta["sides"][i]),
                 "stage": link, "unruled": unruled_kinds(r, [layer]),
                 # Beside the method switch: how far each method's pictures of this layer can be trusted.
