@@ -219,7 +219,9 @@ def build(model_path: str | Path, images_dir: str | Path, out: str | Path, cfg: 
     made_cache = check_cache_dir(cache_dir)
     main = current_dist().is_main
     try:
-        if plan_only:
+        if plan_only:  # what the build would refuse, the plan refuses too (it writes nothing)
+            check_target(out, force, images=Path(images_dir).expanduser(),
+                         site_files=(*SITE_FILES, *asset_files()))
             return _build(model_path, images_dir, out, cfg, cache_dir, plan_only=True)
         # One build at a time writes an atlas (rank 0 of a job writes it; the other ranks never do).
         with build_lock(out) if main else contextlib.nullcontext():

@@ -313,6 +313,18 @@ def test_plan_prints_the_plan_and_writes_nothing(resnet_setup, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_plan_refuses_what_the_build_would_refuse(resnet_setup, tmp_path, capsys):
+    """`sitegen plan` tells what `build` with the same flags would do: an output folder inside the
+    images folder, or a folder of other files without --force, is refused the same way."""
+    _root, ckpt, images = resnet_setup
+    for out, words in ((images / "atlas", "is inside the images folder"), (tmp_path, "is not empty")):
+        (tmp_path / "mine.txt").write_text("the user's file")
+        code, stdout, err = run_cli(["plan", str(ckpt), "--images", str(images), "--arch", RESNET_ARCH,
+                                     "-o", str(out), "--no-cache"], capsys)
+        assert code == 2 and words in err and "hint:" in err and stdout == "", err
+    assert not (images / "atlas").exists() and (tmp_path / "mine.txt").read_text() == "the user's file"
+
+
 def test_plain_progress_lines_carry_an_eta(capsys, monkeypatch):
     import sys
 
