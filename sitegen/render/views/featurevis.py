@@ -24,6 +24,9 @@ PNG_BYTES_PER_PIXEL = 2.0
 """Bytes per pixel of an optimised image's PNG (measured: 2.3-2.6 kB at 32 px and 7.3-10 kB at 64 px on
 a trained ResNet-56, docs/size.md; the ascent's images are noise-like at the pixel level, so PNG's
 size follows their area)."""
+MEASURE_MIDDLE_PIXELS = 128 * 128
+"""Largest input whose feature-vis image size is measured on the middle shown layer (an ascent through
+half of a ResNet-50 at 224 px takes tens of seconds on a CPU: too long for an estimate)."""
 PNG_BASE = 100
 """Bytes of a PNG's header and chunks."""
 HTML = {"channel": 810, "tile": 170, "atlas": 70, "summary": 2424, "summary_layer": 230,
@@ -180,10 +183,11 @@ def image_bytes(h: int, w: int) -> float:
 
 def measured_image_bytes(ctx, sizes) -> float:
     """Mean bytes of an optimised image's PNG at the size the pass will optimise, measured: the
-    pass's own ascent (its settings and step count) of one channel of the first and one of the
-    middle shown layer, encoded as ``draw_jobs`` encodes them.  How well a PNG compresses depends on
-    the model, the layer and the ascent's schedule (smooth images of a random network compress
-    several times better than a trained network's textures), so no fixed rate serves."""
+    pass's own ascent (its settings and step count) of one channel of the first shown layer and one
+    of the middle shown layer (the second one for inputs over MEASURE_MIDDLE_PIXELS, where an ascent
+    through half the model takes too long), encoded as ``draw_jobs`` encodes them.  How well a PNG compresses depends on the model,
+    the layer and the ascent's schedule (smooth images of a random network compress several times
+    better than a trained network's textures), so no fixed rate serves."""
     from ...passes.featurevis import FeatureVisPass, visualise_channels
     from ..patches import encode
 
@@ -194,7 +198,10 @@ def measured_image_bytes(ctx, sizes) -> float:
         if not ctx.layers:
             return image_bytes(h, w)
         a = FeatureVisPass(cfg).ascent(ctx)
-        picks = {ctx.layers[0].name: 0, ctx.layers[len(ctx.layers) // 2].name: ctx.layers[len(ctx.layers) // 2].channels // 2}
+        # The second layer stands in for the middle one where an ascent through half the model
+        # would be too slow for an estimate.
+        second = ctx.layers[len(ctx.layers) // 2 if h * w <= MEASURE_MIDDLE_PIXELS else min(1, len(ctx.layers) - 1)]
+        picks = {ctx.layers[0].name: 0, second.name: second.channels // 2}
         out = []
         for name, c in picks.items():
             r = visualise_channels(ctx.net, name, [c], a, device=ctx.device)
