@@ -27,8 +27,8 @@ size follows their area)."""
 MEASURE_MIDDLE_PIXELS = 128 * 128
 """Largest input whose feature-vis image size is measured on the middle shown layer (an ascent through
 half of a ResNet-50 at 224 px takes tens of seconds on a CPU: too long for an estimate)."""
-SIZE_CHANNELS = 8
-"""Channels per measured layer (spread over it: a channel the random or trained weights leave flat
+SIZE_CHANNELS = 4
+"""Channels of the first measured layer (2 of the second) (spread over it: a channel the random or trained weights leave flat
 gives a tiny PNG, a textured one a large one)."""
 PNG_BASE = 100
 """Bytes of a PNG's header and chunks."""
@@ -187,7 +187,7 @@ def image_bytes(h: int, w: int) -> float:
 def measured_image_bytes(ctx, sizes) -> float:
     """Mean bytes of an optimised image's PNG at the size the pass will optimise, measured: the
     pass's own ascent (its settings and step count) of SIZE_CHANNELS channels of the first shown
-    layer and of the middle shown layer (the second one for inputs over MEASURE_MIDDLE_PIXELS, where an ascent
+    layer and 2 of the middle shown layer (the second one for inputs over MEASURE_MIDDLE_PIXELS, where an ascent
     through half the model takes too long), encoded as ``draw_jobs`` encodes them.  How well a PNG compresses depends on the model,
     the layer and the ascent's schedule (smooth images of a random network compress several times
     better than a trained network's textures), so no fixed rate serves."""
@@ -205,8 +205,9 @@ def measured_image_bytes(ctx, sizes) -> float:
         # would be too slow for an estimate.
         second = ctx.layers[len(ctx.layers) // 2 if h * w <= MEASURE_MIDDLE_PIXELS else min(1, len(ctx.layers) - 1)]
         out = []
-        for layer in {l.name: l for l in (ctx.layers[0], second)}.values():  # channels spread over each
-            channels = sorted({int(c) for c in np.linspace(0, layer.channels - 1, min(SIZE_CHANNELS, layer.channels))})
+        # Channels spread over each layer; fewer on the second, whose ascent costs more.
+        for layer, n in {ctx.layers[0].name: (ctx.layers[0], SIZE_CHANNELS), second.name: (second, 2)}.values():
+            channels = sorted({int(c) for c in np.linspace(0, layer.channels - 1, min(n, layer.channels))})
             r = visualise_channels(ctx.net, layer.name, channels, a, device=ctx.device)
             out += [len(encode(np.ascontiguousarray(img), "png")) for img in r.images]
         return float(np.mean(out))
