@@ -3,7 +3,10 @@
 - data/atlas.json's ``compare`` section carries the figures the comparison pages show (each layer's
   most-changed channels, dead-in-both count and unchanged flag; each image's shared neighbours; which
   changed predictions the changes page lists; the old feature visualisation), read back against the
-  pass's result and a brute-force recomputation, and the pages show those same figures.
+  pass's result and a brute-force recomputation, and the pages show those same figures;
+- a checkpoint whose channels in one layer are permuted: the layer page says the channels were
+  reordered and lists the permutation, and each moved channel's page links the page that shows its
+  matched old channel's top images.
 """
 from __future__ import annotations
 
@@ -181,3 +184,51 @@ def test_listed_predictions_and_old_feature_visualisation(changed_site):
             assert entry["excited"] == bool(objective[c] > 0) and (out / entry["image"]).is_file()
         html = (out / "layers" / layer["name"] / "0.html").read_text(encoding="utf-8")
         assert f"mean activation {float(objective[0]):.4g}" in html
+
+
+# ------------------------------------------------------------------ permuted channels
+
+
+def test_permuted_channels_on_the_layer_and_channel_pages(tmp_path):
+    """The permuted copy of tests/passes/test_compare.py, rendered: new channel c of conv1 is old
+    channel perm[c], the next layer reads them in the new order, so the outputs are the same."""
+    arch = f"{TINY}:wide_tiny_cnn"
+    model = build_architecture(arch, None)
+    torch.save(model.state_dict(), tmp_path / "old.pt")
+    perm = [2, 0, 5, 1, 3, 4]  # new channel c is old channel perm[c]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["conv1.weight"], sd["conv1.bias"] = sd["conv1.weight"][perm], sd["conv1.bias"][perm]
+    sd["conv2.weight"] = sd["conv2.weight"][:, perm]
+    torch.save(sd, tmp_path / "new.pt")
+    out = tmp_path / "site"
+    _render(tmp_path / "new.pt", tmp_path / "old.pt", _images(tmp_path / "imgs", n=24), arch, out)
+    atlas = json.loads((out / "data" / "atlas.json").read_text(encoding="utf-8"))
+    section = atlas["compare"]
+
+    layer = (out / "layers" / "conv1" / "index.html").read_text(encoding="utf-8")
+    assert "Channels reordered:" in layer and "It pairs 6 of 6 channels with another index" in layer
+    listing = layer.split('<details class="permutation"', 1)[1].split("</details>", 1)[0]
+    pairs = re.findall(r'<a href="(\d+)\.html">(\d+)</a> ← (\d+) \(1\.00 / ', listing)
+    assert [(int(a), int(b), int(o)) for a, b, o in pairs] == [(c, c, perm[c]) for c in range(6)]
+    conv2 = (out / "layers" / "conv2" / "index.html").read_text(encoding="utf-8")
+    assert "Channel order kept" in conv2 and 'class="permutation"' not in conv2
+
+    def cells(html: str, marker: str) -> list[str]:
+        chunk = html.split(marker, 1)[1].split("</div>", 1)[0]
+        return re.findall(r'<span class="mono" title="([^"]*)"', chunk)
+
+    for c in range(6):
+        page = (out / "layers" / "conv1" / f"{c}.html").read_text(encoding="utf-8")
+        link = re.search(r'<a class="old-match" href="(\d+)\.html#compare"><b>(\d+)</b></a>', page)
+        assert link and int(link.group(1)) == int(link.group(2)) == perm[c], c
+        target = (out / "layers" / "conv1" / f"{perm[c]}.html").read_text(encoding="utf-8")
+        assert 'id="compare"' in target
+        # The linked page's old row holds the very images of this channel's own row (same unit values).
+        own = cells(page, '<div class="cells" ')
+        assert own and cells(target, '<div class="cells compare-cells"') == own
+        new_top = [e["image"] for e in atlas["layers"][0]["channels"][c]["top"]]
+        assert [e["image"] for e in section["layers"][0]["channels"][perm[c]]["old_top"]] == new_top == own
+        assert section["layers"][0]["channels"][c]["match"] == perm[c]
+    # conv2 kept its order: its channel pages name their own index, with no link.
+    page = (out / "layers" / "conv2" / "0.html").read_text(encoding="utf-8")
+    assert "old channel 0, its own index" in page and "old-match" not in page

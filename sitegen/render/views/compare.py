@@ -205,6 +205,8 @@ class CompareView(View):
             "jaccard": float(f["jaccard"][c]), "shared": int(f["shared"][c]),
             "correlation": float(f["corr"][c]), "sample": meta["sample"]["images"],
             "match": match, "match_correlation": float(f["match_corr"][c]), "moved": match != c,
+            # The old channel's top images are on the page of the new channel of its index.
+            "match_url": f"{channel_url(name, match).rsplit('/', 1)[-1]}#compare",
             "status": self._status(bool(f["dead_new"][c]), bool(f["dead_old"][c])),
             "old_stats": {"max": float(a[f"old.L{li}.max"][c]), "mean": float(a[f"old.L{li}.mean"][c]),
                           "std": float(a[f"old.L{li}.std"][c]), "fire_rate": float(a[f"old.L{li}.fire_rate"][c])},
@@ -399,7 +401,8 @@ class CompareView(View):
         share of data/atlas.json; then changes.html and changes-tsne.html.  The images whose
         prediction changed are counted from the share that changed on the size sample (both models
         run on it).  Not counted: the permutation list of a layer whose channels were reordered (about
-        45 bytes a moved channel; a fine-tuned checkpoint keeps the order)."""
+        45 bytes a moved channel, and the link of a moved channel's page to its match, about 150; a
+        fine-tuned checkpoint keeps the order)."""
         from ...passes.sampling import stratified_sample
         from ...passes.tsne import classifier_name
         from ..sizing import changed_share, row0_bytes, texts
