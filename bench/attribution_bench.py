@@ -158,26 +158,52 @@ def mac_floor(ctx: BuildContext, topk: Result, methods: Sequence[str], batch: in
       the least the pass's way can do;
     - ``executed``: what the pass runs, idle rows of its backward rounds included (a round's
       backward covers every image of the batch, with or without a unit in that round).
+
+    Where deconvnet's picture is proved the same on every image and the pass shares it
+    (``AttributionPass._sharing``), ``floor`` and ``executed`` count one deconvnet backward per
+    picture computed instead of one per pair, and the shared pictures' own forwards and rounds
+    (``_shared``: ``ROUNDS`` rounds of one unit per row per forward of ``batch`` images);
+    ``floor_unshared`` is the floor without that.
     """
     sys.path.insert(0, str(REPO / "bench"))
     from featurevis_bench import macs_until
 
+    from sitegen.crops import PixelCache
+    from sitegen.images import load_pixels
+    from sitegen.passes.attribution import ROUNDS, SHARED, AttributionPass
+
     names = list(topk.meta["layers"])
     macs = macs_until(ctx.net, names, ctx.input_size)
     m = len(methods)
-    totals = {"per_pair": 0, "floor": 0, "executed": 0}
+    plans = [plan_layer(ctx, topk, li, max_side) for li in range(len(names))]
+    pixels = PixelCache(lambda i: load_pixels(ctx.images, i, ctx.config.data), budget_bytes=64 << 20)
+    sharing = AttributionPass(AttributionConfig(methods=tuple(methods), max_side=max_side))._sharing(
+        ctx, plans, list(methods), pixels) if SHARED in methods else {}
+    totals = {"per_pair": 0, "floor_unshared": 0, "floor": 0, "executed": 0}
     layers = []
     for li, name in enumerate(names):
-        plan = plan_layer(ctx, topk, li, max_side)
+        plan = plans[li]
+        shared = sharing.get(li)
+        inline = m - 1 if shared is not None else m  # methods computed in the layer's batches
         forwards = rows = 0
         for s in plan.batches(batch):
             images, counts = np.unique(plan.image[s], return_counts=True)
             forwards += len(images)
             rows += len(images) * int(counts.max())
         pairs = len(plan)
+        floor = forwards + inline * pairs
+        executed = forwards + inline * rows
+        if shared is not None:
+            pictures = shared.computed
+            floor += pictures
+            for lo in range(0, pictures, batch * ROUNDS):
+                n = min(pictures - lo, batch * ROUNDS)
+                width = min(batch, n)
+                executed += width * (1 + -(-n // width))  # one forward and ceil(n / width) rounds of its rows
         layer = {"layer": name, "pairs": pairs, "forwards": forwards, "backward_rows": rows,
-                 "per_pair": pairs * (1 + m) * macs[name], "floor": (forwards + m * pairs) * macs[name],
-                 "executed": (forwards + m * rows) * macs[name]}
+                 "shared_pictures": shared.computed if shared is not None else None,
+                 "per_pair": pairs * (1 + m) * macs[name], "floor_unshared": (forwards + m * pairs) * macs[name],
+                 "floor": floor * macs[name], "executed": executed * macs[name]}
         for key in totals:
             totals[key] += layer[key]
         layers.append(layer)

@@ -402,6 +402,8 @@ def main() -> None:
                 if {"1", "2"} <= set(atlas.get("render_by_workers", {})) else None,
                 "attribution_mac_floor_over_bare_forward":
                     atlas.get("attribution_mac_floor", {}).get("over_bare_forward", {}).get("floor"),
+                "attribution_mac_floor_unshared_over_bare_forward":
+                    atlas.get("attribution_mac_floor", {}).get("over_bare_forward", {}).get("floor_unshared"),
                 "attribution_over_mac_floor": atlas.get("attribution_mac_floor", {}).get("time_over_floor"),
                 "atlas_peak_rss_mib": atlas["peak_rss_mib"],
                 "site_mib": atlas["site"]["bytes"] / 2**20,

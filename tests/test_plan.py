@@ -188,7 +188,10 @@ def test_pass_estimates_multiply_the_probe_out_over_the_work(resnet_setup):
         fields = [l.rf.box(y, x) for y in range(l.shape[1]) for x in range(l.shape[2])]
         inside = sum(x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h for x0, y0, x1, y1 in fields)
         shared = min(u, round(u * (1 - inside / len(fields))) + (l.channels if inside else 0))
-        expected += f.batched(u, batch) * 2 / 3 + f.batched(shared, batch) / 3
+        if shared <= 0.9 * u:  # computed apart only when that leaves out a tenth of the units
+            expected += f.batched(u, batch) * 2 / 3 + f.batched(shared, batch) / 3
+        else:
+            expected += f.batched(u, batch)
     assert plans["attribution"].seconds == pytest.approx(expected + min(n, sum(units.values())) * 0.01)
     from sitegen.passes.featurevis import MEASURE_STEPS, PROBE_STEPS
 

@@ -148,6 +148,10 @@ def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
 
 
 SHARED = "deconvnet"
+ROUNDS = 8
+"""Backward rounds one forward serves when computing shared pictures (see ``_shared``)."""
+WORTH = 0.9
+"""Shared pictures are computed apart when at most this share of a layer's units needs one."""
 """The method whose picture can be proved the same for every image (see :func:`share_units`)."""
 
 
@@ -327,7 +331,8 @@ class AttributionPass(AnalysisPass):
         fh, fw = info.shape[1], info.shape[2]
         inside = sum(inside_image(info.rf.box(y, x), (h, w)) for y in range(fh) for x in range(fw))
         share = inside / max(1, fh * fw)
-        return min(units, int(round(units * (1 - share))) + (info.channels if inside else 0))
+        computed = min(units, int(round(units * (1 - share))) + (info.channels if inside else 0))
+        return computed if computed <= WORTH * units else None
 
     def unit_fits(self, ctx: BuildContext, probe: Probe, batch: int) -> dict[str, Fit]:
         """Per shown layer, seconds of a batch of n units (one forward to the layer, one backward per
@@ -379,7 +384,11 @@ class AttributionPass(AnalysisPass):
                 translated = bool(np.abs(a - b).max() <= 1)
             if not translated:
                 rep = share_units(ctx, p, translated=False)
-            out[p.index] = Sharing(rep, translated, proof.reason)
+            sharing = Sharing(rep, translated, proof.reason)
+            # Apart, the pictures cost a forward per ROUNDS backward rounds that the other methods'
+            # batches would have shared: worth it only when it leaves out a tenth of the units or more.
+            if sharing.computed <= WORTH * len(p):
+                out[p.index] = sharing
         return out
 
     def _pictures(self, ctx: BuildContext, plan: LayerPlan, picks: np.ndarray, batch: int,
@@ -394,14 +403,23 @@ class AttributionPass(AnalysisPass):
 
     def _shared(self, ctx: BuildContext, plan: LayerPlan, sharing: Sharing, batch: int, pixels: PixelCache,
                 out: np.ndarray, advance) -> None:
-        """Compute each shared picture once (on its representative's own image) and give it to every
-        pair that shares it."""
+        """Compute each shared picture once and give it to every pair that shares it.
+
+        The picture does not depend on the image, so a unit need not sit on its own image's row: one
+        forward of ``batch`` images serves ``ROUNDS`` rounds of one unit per row (one backward each),
+        however the units' own images fall.  Each unit is cropped at its own window."""
         reps = np.unique(sharing.rep)
-        for lo in range(0, len(reps), batch):
-            picks = reps[lo:lo + batch]
-            crops = self._pictures(ctx, plan, picks, batch, pixels)
-            for q in picks:
-                out[plan.c[q], plan.j[q]] = crops[(int(plan.c[q]), int(plan.j[q]))]
+        for lo in range(0, len(reps), batch * ROUNDS):
+            picks = reps[lo:lo + batch * ROUNDS]
+            rows = min(batch, len(picks))
+            images = plan.image[picks[:rows]]
+            stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images])).to(ctx.device)
+            units = list(zip(plan.c[picks].tolist(), plan.y[picks].tolist(), plan.x[picks].tolist()))
+            grads = attribute_methods(ctx.net, normalise(stacked, ctx.config.data), plan.name, units, [SHARED],
+                                      rows=[q % rows for q in range(len(picks))])[SHARED]
+            crops = crop_windows(grads, plan.x0[picks], plan.y0[picks], plan.window)
+            for q, pair in enumerate(picks):
+                out[plan.c[pair], plan.j[pair]] = display_crop(crops[q], plan.side)
             advance(len(picks))
         out[plan.c, plan.j] = out[plan.c[sharing.rep], plan.j[sharing.rep]]
 

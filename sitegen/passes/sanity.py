@@ -27,7 +27,9 @@ backprop stop at its own ReLU) has no ranking; against a picture that is not bla
 
 Where :func:`sitegen.attribution.image_independent` proves a method image-independent for a layer
 (deconvnet with no max-pooling or other forward-reading operation below the layer), the image
-similarity is exactly 1 by construction; the measured value is kept beside the proof.
+similarity is exactly 1 by construction: it is measured on the layer's first ``CROSS_CHECK`` units
+(a disagreement with the proof is reported) and the other units take the proved value, which saves
+that method's backward passes over the other images.
 
 The user's model is never touched: the weights are re-initialised in two deep copies (one per kind
 of check), which are dropped when the pass ends.  Module ``m`` always gets the same random weights
@@ -74,6 +76,9 @@ from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 CHECKS = ("own", "cascade", "images", "edge")
+CROSS_CHECK = 2
+"""Units per layer whose other-image pictures are measured even where a method is proved
+image-independent (the measurement checks the proof; the other units take the proved value)."""
 """The similarities, in the order the pages list them."""
 
 WEIGHTS_HIGH = 0.5
@@ -396,7 +401,7 @@ ARRAYS = ("own", "cascade", "edge", "images", "ssim_own", "ssim_cascade", "ssim_
 
 class SanityPass(AnalysisPass):
     name = "sanity"
-    version = 1
+    version = 2
     distributed = True
     config: SanityConfig
 
@@ -521,7 +526,8 @@ class SanityPass(AnalysisPass):
                     span = (li, len(s), cfg.images, len(methods))
                     saved = store.load(li, keys, span)
                     if saved is None:
-                        saved = self._layer(ctx, s, methods, rand, pixels, batch)
+                        proved = frozenset(m for m in methods if proofs[s.name][m])
+                        saved = self._layer(ctx, s, methods, rand, pixels, batch, proved)
                         store.save(li, saved, span)
                     elif rand.available:
                         rand.cascade(s.name)  # keep the progressive copy in step with the layers done
@@ -571,7 +577,7 @@ class SanityPass(AnalysisPass):
                                   f"but measured {float(np.nanmin(measured)):.3f}; please report this")
 
     def _layer(self, ctx: BuildContext, s: LayerSample, methods: list[str], rand: Randomiser,
-               pixels: PixelCache, batch: int) -> dict[str, np.ndarray]:
+               pixels: PixelCache, batch: int, proved: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
         """Every figure of one layer's sample: the trained model on the units' own images and on
         the other images (one list of pairs), then the two re-initialised copies."""
         n, k = len(s), s.others.shape[1]
@@ -584,10 +590,21 @@ class SanityPass(AnalysisPass):
         c, own_img, y, x = s.units.T
         unit_cyx = np.stack([c, y, x], axis=1)
         has = s.others >= 0
-        pair_img = np.concatenate([own_img, s.others[has]])
-        owner = np.concatenate([np.arange(n), np.nonzero(has)[0]])
+        # A method proved image-independent here gives the same picture on every image: its other-
+        # image pairs are measured for the first CROSS_CHECK units only (a check of the proof) and
+        # take the proved value (1, the same picture) for the rest.
+        measured = [m for m in methods if m not in proved]
+        checked = has & (np.arange(n)[:, None] < CROSS_CHECK) if measured != methods else has
+        rest = has & ~checked
+        pair_img = np.concatenate([own_img, s.others[checked]])
+        owner = np.concatenate([np.arange(n), np.nonzero(checked)[0]])
         trained = attribute_pairs(ctx, ctx.net, s.name, pair_img, unit_cyx[owner], s.boxes[owner], s.side,
                                   methods, pixels, batch)
+        unproved = None
+        if measured and rest.any():
+            rest_owner = np.nonzero(rest)[0]
+            unproved = attribute_pairs(ctx, ctx.net, s.name, s.others[rest], unit_cyx[rest_owner], s.boxes[rest_owner],
+                                       s.side, measured, pixels, batch)
         copies: dict[str, Pictures] = {}
         if rand.available:
             with rand.own(s.name) as model:
@@ -601,7 +618,8 @@ class SanityPass(AnalysisPass):
         for u in range(n):
             x0, y0, x1, y1 = _window_in_image(s.boxes[u], (h, w))
             edges.append(sobel_magnitude(pixels(int(own_img[u])))[y0:y1, x0:x1])
-        other_pos = {(int(u), int(j)): n + q for q, (u, j) in enumerate(zip(*np.nonzero(has)))}
+        other_pos = {(int(u), int(j)): n + q for q, (u, j) in enumerate(zip(*np.nonzero(checked)))}
+        rest_pos = {(int(u), int(j)): q for q, (u, j) in enumerate(zip(*np.nonzero(rest)))}
         for m in methods:
             base, disp = trained.magnitude[m], trained.display[m]
             for u in range(n):
@@ -612,11 +630,19 @@ class SanityPass(AnalysisPass):
                     res[f"{m}.blank_{kind}"][u] = pics.blank[m][u]
                 for j in range(k):
                     q = other_pos.get((u, j))
-                    if q is None:
+                    if q is not None:
+                        pics = trained
+                    elif (u, j) in rest_pos and m in measured:
+                        pics, q = unproved, rest_pos[(u, j)]
+                    elif (u, j) in rest_pos:  # proved: the very picture of its own image
+                        res[f"{m}.images"][u, j] = res[f"{m}.ssim_images"][u, j] = 1.0
+                        res[f"{m}.blank_images"][u, j] = trained.blank[m][u]
                         continue
-                    res[f"{m}.images"][u, j] = spearman(base[u], trained.magnitude[m][q])
-                    res[f"{m}.ssim_images"][u, j] = ssim(disp[u], trained.display[m][q])
-                    res[f"{m}.blank_images"][u, j] = trained.blank[m][q]
+                    else:
+                        continue
+                    res[f"{m}.images"][u, j] = spearman(base[u], pics.magnitude[m][q])
+                    res[f"{m}.ssim_images"][u, j] = ssim(disp[u], pics.display[m][q])
+                    res[f"{m}.blank_images"][u, j] = pics.blank[m][q]
         return res
 
 

@@ -314,7 +314,7 @@ def test_deconvnet_shared_pictures_equal_the_per_unit_ones_without_max_pooling(b
     plain = _unshared(ctx, AttributionConfig(), monkeypatch)
     assert plain.meta["shared"] == {}
     meta = shared.meta["shared"]
-    assert set(meta) == set(LAYERS)
+    assert "layer1.0.conv1" in meta
     h, w = ctx.input_size
     for li, layer in enumerate(LAYERS):
         a, b = shared.arrays[f"L{li}.deconvnet"], plain.arrays[f"L{li}.deconvnet"]
@@ -324,10 +324,14 @@ def test_deconvnet_shared_pictures_equal_the_per_unit_ones_without_max_pooling(b
             assert np.array_equal(shared.arrays[f"L{li}.{m}"], plain.arrays[f"L{li}.{m}"])
         rf, plan = ctx.layer(layer).rf, plan_layer(ctx, ctx.results["topk"], li, 64)
         keys = set()
+        translated = meta[layer]["translated"] if layer in meta else True
         for c, y, x in zip(plan.c.tolist(), plan.y.tolist(), plan.x.tolist()):
             x0, y0, x1, y1 = rf.box(y, x)
-            keys.add((c,) if meta[layer]["translated"] and x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h else (c, y, x))
-        assert meta[layer]["computed"] == len(keys) and meta[layer]["units"] == len(plan)
+            keys.add((c,) if translated and x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h else (c, y, x))
+        if layer in meta:
+            assert meta[layer]["computed"] == len(keys) and meta[layer]["units"] == len(plan)
+        else:  # a 37-px field on 32-px images: every unit at the border, too few share to be worth it
+            assert len(keys) > 0.9 * len(plan), layer
     # a 5-px field on 32-px images: most units lie inside, one picture per channel serves them all
     first = meta["layer1.0.conv1"]
     assert first["translated"] and first["computed"] < 0.7 * first["units"]

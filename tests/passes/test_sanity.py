@@ -111,10 +111,13 @@ def _run(ctx, cfg, methods=("guided", "deconvnet", "gradient")) -> Result:
     return SanityPass(cfg.sanity).run(ctx)
 
 
-def test_deconvnet_without_max_pooling_has_image_similarity_one_measured_and_proved(tmp_path, make_images):
+def test_deconvnet_without_max_pooling_has_image_similarity_one_measured_and_proved(tmp_path, make_images,
+                                                                                     monkeypatch):
+    from sitegen.passes import sanity as sanity_module
     from sitegen.passes.sanity import layer_figures
 
     ctx, cfg = _context(tmp_path, make_images, f"{TINY}:pool_free_cnn")
+    monkeypatch.setattr(sanity_module, "CROSS_CHECK", 10 ** 6)  # measure every unit, proof or not
     r = _run(ctx, cfg)
     for li, layer in enumerate(r.meta["layers"]):
         measured = r.arrays[f"L{li}.deconvnet.images"]
@@ -131,6 +134,36 @@ def test_deconvnet_without_max_pooling_has_image_similarity_one_measured_and_pro
     for li, layer in enumerate(r.meta["layers"]):
         units = r.arrays[f"L{li}.units"]
         assert len(set(units[:, 0].tolist())) == len(units) == ctx.layer(layer).channels
+
+
+def test_a_proved_method_is_measured_on_a_few_units_and_the_rest_take_the_proof(tmp_path, make_images,
+                                                                               monkeypatch):
+    """Deconvnet without max-pooling: the default run measures the other images of the first
+    CROSS_CHECK units only and gives the rest the proved 1; every figure equals a run that measures
+    every unit, and the unproved methods are measured everywhere."""
+    from sitegen.passes import sanity as sanity_module
+
+    ctx, cfg = _context(tmp_path, make_images, f"{TINY}:pool_free_cnn")
+    calls: list[tuple[int, tuple[str, ...]]] = []
+    real = sanity_module.attribute_pairs
+
+    def counted(ctx_, model, layer, images, units, boxes, side, methods, *rest):
+        calls.append((len(images), tuple(methods)))
+        return real(ctx_, model, layer, images, units, boxes, side, methods, *rest)
+
+    monkeypatch.setattr(sanity_module, "attribute_pairs", counted)
+    quick = _run(ctx, cfg)
+    short = [n for n, methods in calls if "deconvnet" not in methods]
+    assert short and sum(short) > 0  # the rest of the other-image pairs ran without deconvnet
+    monkeypatch.setattr(sanity_module, "CROSS_CHECK", 10 ** 6)
+    full = _run(ctx, cfg)
+    assert set(quick.arrays) == set(full.arrays)
+    for key in quick.arrays:
+        a, b = quick.arrays[key], full.arrays[key]
+        if a.dtype == bool or a.dtype.kind == "i":
+            assert np.array_equal(a, b), key
+        else:
+            assert np.allclose(a, b, atol=1e-9, equal_nan=True), key
 
 
 def test_gradient_on_a_linear_network_has_image_similarity_one(tmp_path, make_images):

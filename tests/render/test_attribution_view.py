@@ -102,10 +102,13 @@ def test_channel_page_says_when_deconvnet_was_computed_once_and_shared(site):
     same on every image and how many were computed, with the pass's own counts."""
     _, results, out, _ = site
     shared = results["attribution"].meta["shared"]
-    assert set(shared) == set(LAYERS)
+    assert "layer1.1.conv1" in shared  # a 9-px field: most units lie inside the 32-px images
     for layer in LAYERS:
         html = (out / "layers" / layer / "0.html").read_text(encoding="utf-8")
         note = re.search(r'data-attr-note="deconvnet"[^>]*>(.*?)</p>', html, re.S).group(1)
+        if layer not in shared:  # computed per unit: nothing to say
+            assert "same on every image" not in note
+            continue
         assert "the same on every image" in note and "proved from the model" in note
         assert f"{shared[layer]['computed']:,} pictures for {shared[layer]['units']:,} units" in note
         other = re.search(r'data-attr-note="guided"[^>]*>(.*?)</p>', html, re.S).group(1)

@@ -406,7 +406,7 @@ class CompareView(View):
         from ...passes.sampling import stratified_sample
         from ...passes.tsne import classifier_name
         from ..sizing import changed_share, row0_bytes, texts
-        from .featurevis import image_bytes
+        from .featurevis import measured_image_bytes
 
         cfg = ctx.config
         if not cfg.compare.checkpoint or ctx.compare is None or not ctx.layers:
@@ -417,8 +417,7 @@ class CompareView(View):
         old = len(ctx.compare.path.name.encode("utf-8", "surrogateescape"))
         fv = cfg.featurevis.enabled
         if fv:
-            h, w = (cfg.featurevis.image_size,) * 2 if cfg.featurevis.image_size else ctx.input_size
-            png = image_bytes(h, w)
+            png = measured_image_bytes(ctx, sizes)
         items: list[SiteItem] = []
         changes = 0.0
         for l in ctx.layers:

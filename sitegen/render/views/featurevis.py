@@ -130,13 +130,14 @@ class FeatureVisView(View):
         }, title=f"Class visualisations · {opts.title}", crumbs=[("index.html", "atlas")])
 
     def estimate(self, ctx, sizes) -> list[SiteItem]:
-        """One PNG per channel (and per class) of the optimised size, by its area
-        (PNG_BYTES_PER_PIXEL); each tagged ``featurevis`` so the size budget can draw them smaller."""
+        """One PNG per channel (and per class) of the optimised size, each the bytes of real
+        optimised images (:func:`measured_image_bytes`); each tagged ``featurevis`` so the size
+        budget can draw them smaller."""
         cfg = ctx.config.featurevis
         if not cfg.enabled:
             return []
         h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
-        png = image_bytes(h, w)
+        png = measured_image_bytes(ctx, sizes)
         items = []
         for l in ctx.layers:
             c = l.channels
@@ -172,8 +173,35 @@ class FeatureVisView(View):
 
 
 def image_bytes(h: int, w: int) -> float:
-    """Estimated bytes of one optimised image's PNG at h×w px."""
+    """Bytes of one optimised image's PNG at h×w px from the measured rate (docs/size.md): the
+    fallback where no ascent can be run for the estimate."""
     return PNG_BASE + PNG_BYTES_PER_PIXEL * h * w
+
+
+def measured_image_bytes(ctx, sizes) -> float:
+    """Mean bytes of an optimised image's PNG at the size the pass will optimise, measured: the
+    pass's own ascent (its settings and step count) of one channel of the first and one of the
+    middle shown layer, encoded as ``draw_jobs`` encodes them.  How well a PNG compresses depends on
+    the model, the layer and the ascent's schedule (smooth images of a random network compress
+    several times better than a trained network's textures), so no fixed rate serves."""
+    from ...passes.featurevis import FeatureVisPass, visualise_channels
+    from ..patches import encode
+
+    cfg = ctx.config.featurevis
+    h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
+
+    def measure() -> float:
+        if not ctx.layers:
+            return image_bytes(h, w)
+        a = FeatureVisPass(cfg).ascent(ctx)
+        picks = {ctx.layers[0].name: 0, ctx.layers[len(ctx.layers) // 2].name: ctx.layers[len(ctx.layers) // 2].channels // 2}
+        out = []
+        for name, c in picks.items():
+            r = visualise_channels(ctx.net, name, [c], a, device=ctx.device)
+            out += [len(encode(np.ascontiguousarray(img), "png")) for img in r.images]
+        return float(np.mean(out))
+
+    return sizes.memo(f"featurevis-png:{h}x{w}:{cfg.steps}:{cfg.lr}:{cfg.lr_end}:{cfg.decorrelate}", measure)
 
 
 def _annotate(layer: dict, objective: np.ndarray) -> None:
