@@ -263,8 +263,11 @@ def test_comparison_on_two_gloo_ranks_equals_one_process(tmp_path, tiny_setup, p
     assert ca["predictions"]["changed_images"] == cb["predictions"]["changed_images"]
     assert ca["predictions"]["per_class"] == cb["predictions"]["per_class"]
     assert ca["codes"]["shared_mean"] == pytest.approx(cb["codes"]["shared_mean"])
+    assert ca["predictions"]["listed_images"] == cb["predictions"]["listed_images"]
+    assert (ca["codes"]["images"], ca["codes"]["shared"]) == (cb["codes"]["images"], cb["codes"]["shared"])
     for la, lb in zip(ca["layers"], cb["layers"]):
         assert la["fits"] == lb["fits"] and la["newly_dead"] == lb["newly_dead"]
+        assert (la["dead_both"], la["unchanged"]) == (lb["dead_both"], lb["unchanged"])
         for x, y in zip(la["channels"], lb["channels"]):
             assert (x["jaccard"], x["match"]) == (y["jaccard"], y["match"])
             assert [(e["image"], e["fmap_yx"]) for e in x["old_top"]] == [(e["image"], e["fmap_yx"]) for e in y["old_top"]]

@@ -173,6 +173,25 @@ class TinyResNet(nn.Module):
 def tiny_resnet(num_classes: int = 3) -> TinyResNet:
     torch.manual_seed(0)
     return TinyResNet(num_classes)
+
+
+class TwoBlockResNet(nn.Module):
+    """Stem and one residual stage of two blocks of one width: a stage page follows a channel across
+    two blocks, so "the stage's last block" is not its only one."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(TinyBlock(4, 4), TinyBlock(4, 4))
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(F.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def two_block_resnet(num_classes: int = 3) -> TwoBlockResNet:
+    torch.manual_seed(0)
+    return TwoBlockResNet(num_classes)
 class TinyGreyCNN(TinyCNN):
     """TinyCNN for grey images: its first convolution reads 1 channel (MNIST-style, medical, documents)."""
 

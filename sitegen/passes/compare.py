@@ -447,7 +447,7 @@ class ComparePass(AnalysisPass):
     and the t-SNE pass's map."""
 
     name = "compare"
-    version = 1
+    version = 2
     config: CompareConfig
 
     def __init__(self, config: CompareConfig, topk: TopKConfig, tsne: TsneConfig):
@@ -611,7 +611,9 @@ class ComparePass(AnalysisPass):
         shared = shared_neighbours(new, old)
         labels = ctx.images.labels[ids]
         arrays.update({"codes.images": ids, "codes.shared": shared.astype(np.float32)})
-        out: dict[str, Any] = {"available": True, "points": int(len(ids)), "neighbours": NEIGHBOURS,
+        # Each image's neighbours: NEIGHBOURS, or every other image when there are fewer.
+        out: dict[str, Any] = {"available": True, "points": int(len(ids)),
+                               "neighbours": min(NEIGHBOURS, max(len(ids) - 1, 0)),
                                "classifier": top.meta["compare"]["classifier"],
                                "shared_mean": float(shared.mean()) if len(shared) else 1.0}
         if ctx.images.classes:

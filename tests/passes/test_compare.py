@@ -97,8 +97,19 @@ def test_a_model_compared_with_itself_changes_nothing(tmp_path, tiny_checkpoint,
             assert ch["jaccard"] == 1 and ch["correlation"] == pytest.approx(1, abs=1e-9)
             assert ch["match"] == ch["channel"] and ch["match_correlation"] == pytest.approx(1, abs=1e-9)
     assert section["predictions"]["available"] and section["predictions"]["changed"] == 0
-    assert section["predictions"]["changed_images"] == []
+    assert section["predictions"]["changed_images"] == [] and section["predictions"]["listed_images"] == []
     assert section["codes"]["shared_mean"] == 1
+    # Every image keeps all its neighbours (24 images: 10 each), listed by path.
+    codes = section["codes"]
+    assert codes["neighbours"] == 10 and codes["shared"] == [10] * codes["points"] == [10] * len(codes["images"])
+    assert sorted(codes["images"]) == sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    atlas_layers = {l["name"]: l for l in json.loads((out / "data" / "atlas.json").read_text())["layers"]}
+    for layer in section["layers"]:
+        assert layer["unchanged"]
+        # compare.channels (10) is more than these layers have: every channel is listed, once.
+        assert sorted(layer["most_changed"]) == list(range(len(layer["channels"])))
+        # Dead in both: the new model's own statistics say which (the old one is the same).
+        assert layer["dead_both"] == sum(ch["stats"]["max"] <= 0 for ch in atlas_layers[layer["name"]]["channels"])
     assert section["nothing_changed"]
     page = (out / "changes.html").read_text()
     assert "Nothing changed." in page and "No image changed its top class" in page
@@ -199,6 +210,17 @@ def test_fine_tuned_copy_equals_brute_force(tmp_path, tiny_checkpoint, make_imag
         layer = r.meta["layers"][li]
         assert layer["mean_correlation"] == pytest.approx(np.diag(full).mean(), abs=1e-6)
         assert layer["fits"] == ("identity" if (cols == rows).all() else "matching")
+        dead_new, dead_old = bn["maxima"][n].max(0) <= 0, bo["maxima"][n].max(0) <= 0
+        assert layer["dead_both"] == int((dead_new & dead_old).sum())
+        assert layer["newly_dead"] == np.flatnonzero(dead_new & ~dead_old).tolist()
+        # The most-changed channels: the compare.channels (10, more than these layers have) channels
+        # with the largest 1 − r, most changed first (to float tolerance: near-equal r may swap).
+        change = 1 - np.diag(full)
+        listed = layer["most_changed"]
+        assert sorted(listed) == list(range(c_count))
+        assert all(change[a] >= change[b] - 1e-6 for a, b in zip(listed, listed[1:])), (n, listed, change)
+        assert layer["unchanged"] == bool(np.diag(full).min() > 1 - 1e-9 and (dead_new == dead_old).all()
+                                          and r.arrays[f"L{li}.jaccard"].min() == 1)
     assert min(r.arrays[f"L{li}.corr"].min() for li in range(len(names))) < 0.99  # the copy did change
 
     pn, po = bn["logits"].argmax(1), bo["logits"].argmax(1)
@@ -215,6 +237,7 @@ def test_fine_tuned_copy_equals_brute_force(tmp_path, tiny_checkpoint, make_imag
     shared = [len(a & b) / 10 for a, b in zip(nearest_sets(bn["codes"], 10), nearest_sets(bo["codes"], 10))]
     np.testing.assert_allclose(r.arrays["codes.shared"], shared)
     assert r.meta["codes"]["shared_mean"] == pytest.approx(np.mean(shared))
+    assert r.meta["codes"]["neighbours"] == 10
 
 
 def test_sample_is_capped_seeded_and_stratified(tmp_path, tiny_checkpoint, make_images, paths):

@@ -141,6 +141,72 @@ def test_channel_and_layer_pages_carry_one_line_per_method(site):
             assert href.startswith("../../sanity.html#") and href.split("#", 1)[1] in sanity_ids
 
 
+@pytest.fixture(scope="module")
+def stage_site(tmp_path_factory):
+    """An atlas of a residual stage of two blocks (layer1.0, layer1.1) with the attribution and
+    sanity passes, and their results."""
+    from PIL import Image
+
+    from sitegen.build import BuildReport, prepare, run_passes
+    from sitegen.model_loading import build_architecture
+    from sitegen.passes.base import Cache
+    from sitegen.render.pages import RenderOptions
+    from sitegen.render.site import render
+
+    root = tmp_path_factory.mktemp("sanity-stage")
+    rng = np.random.default_rng(1)
+    (root / "imgs").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
+    arch = f"{TINY}:two_block_resnet"
+    torch.save(build_architecture(arch, None).state_dict(), root / "net.pt")
+    cfg = from_dict({"model": {"arch": arch}, "layers": ["layer1.0", "layer1.1"], "topk": {"k": 3}, **OFF})
+    progress.set_quiet(True)
+    try:
+        ctx = prepare(root / "net.pt", root / "imgs", cfg, None)
+        results = run_passes(ctx, Cache(None), BuildReport(index=root / "site" / "index.html"))
+        render(ctx, results, root / "site", RenderOptions(title="t", patch_size=16, workers=1))
+    finally:
+        progress.set_quiet(False)
+    return root / "site", results
+
+
+def test_stage_pages_carry_the_lines_of_the_stages_last_block(stage_site):
+    """Each stage page shows one line per method with the figures of layer1.1 (the stage's last
+    block), the means of the pass's per-unit arrays for that layer, not those of layer1.0."""
+    out, results = stage_site
+    r = results["sanity"]
+    li = r.meta["layers"].index("layer1.1")
+    labels = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
+
+    def sim(key: str, m: str) -> str:
+        v = np.asarray(r.arrays[f"L{li}.{m}.{key}"], np.float64)
+        return "not measured" if not np.isfinite(v).any() else f"{float(np.nanmean(v)):.2f}"
+
+    expected = []
+    for m in r.meta["methods"]:
+        proved = r.meta["proofs"]["layer1.1"][m][0]
+        images = "1, proved" if proved else sim("images", m)
+        expected.append(f"<b>{labels[m]}</b>: weights {sim('cascade', m)} (own layer only {sim('own', m)}) · "
+                        f"images {images} · edges {sim('edge', m)} —")
+    assert len(expected) == 3
+    pages = sorted(p for p in (out / "stages").glob("*/*.html"))
+    assert len(pages) == 4  # one per channel of the 4-wide stage
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert "layer1.0" in text and "layer1.1" in text  # both blocks are on the page
+        block = re.search(r'<div class="sanity-lines">(.*?)</div>', text, re.S)
+        assert block, page
+        lines = re.sub(r"\s+", " ", block.group(1))
+        assert '<span class="mono">layer1.1</span>' in lines and "layer1.0" not in lines
+        assert len(re.findall(r"<li>", lines)) == 3
+        for line in expected:
+            assert line in lines, (page.name, line, lines)
+        # Beside the method switch, before the pictures; its links reach the sanity page's rows.
+        assert text.index("attr-switch") < text.index("sanity-lines") < text.index("stage-strip")
+        assert '<a href="../../sanity.html#guided-layer1.1">details</a>' in text
+
+
 def test_chart_draws_gaps_and_proofs_and_escapes_names():
     from sitegen.render.views.sanity import chart_svg
 

@@ -50,8 +50,10 @@ SIZES = {
     "changes": 4950, "changes_layer": 305, "changes_channel": 70, "changes_class": 85, "changes_image": 280,
     "changes_tsne": 3780, "dot": 60,
     # data/atlas.json's compare section: fixed, per class, per changed image, per layer, per channel
-    # and per old top-k entry
-    "json": 700, "json_class": 130, "json_changed": 130, "json_layer": 240, "json_channel": 257, "json_entry": 56,
+    # and per old top-k entry; per number of a list (a most-changed channel, a listed image), per
+    # code point (besides its path) and per old feature-vis entry (besides the layer's folder)
+    "json": 700, "json_class": 130, "json_changed": 130, "json_layer": 290, "json_channel": 257, "json_entry": 56,
+    "json_number": 4, "json_point": 6, "json_featurevis": 90,
 }
 """Bytes of the comparison's pages and data (``base`` + per item), measured on comparison atlases;
 names (layers, images, classes, the old checkpoint's file name) are added apart."""
@@ -105,6 +107,12 @@ def image_compare_context(results: dict, n: int, changed: dict[int, dict[str, An
         return {"old": meta["old"]["checkpoint"], "changed": None, "reason": p["reason"]}
     return {"old": meta["old"]["checkpoint"], "changed": changed.get(n), "reason": "",
             "changes_url": f"../{CHANGES}#predictions"}
+
+
+def shared_counts(shared: np.ndarray, neighbours: int) -> np.ndarray:
+    """How many of each image's ``neighbours`` nearest neighbours the two code spaces share, from
+    the pass's fractions (each a whole number of neighbours over ``neighbours``)."""
+    return np.rint(np.asarray(shared, np.float64) * neighbours).astype(np.int64)
 
 
 def _name(names: list[str], c: int) -> str:
@@ -197,6 +205,8 @@ class CompareView(View):
             "jaccard": float(f["jaccard"][c]), "shared": int(f["shared"][c]),
             "correlation": float(f["corr"][c]), "sample": meta["sample"]["images"],
             "match": match, "match_correlation": float(f["match_corr"][c]), "moved": match != c,
+            # The old channel's top images are on the page of the new channel of its index.
+            "match_url": f"{channel_url(name, match).rsplit('/', 1)[-1]}#compare",
             "status": self._status(bool(f["dead_new"][c]), bool(f["dead_old"][c])),
             "old_stats": {"max": float(a[f"old.L{li}.max"][c]), "mean": float(a[f"old.L{li}.mean"][c]),
                           "std": float(a[f"old.L{li}.std"][c]), "fire_rate": float(a[f"old.L{li}.fire_rate"][c])},
@@ -285,8 +295,8 @@ class CompareView(View):
         colours = categories(max(len(names), 1))
         # Each map fills its own box (the old one is already turned to lie over the new one).
         new_xy, old_xy = layout(t.arrays["xy"].astype(np.float64)), layout(a["tsne.old_xy"].astype(np.float64))
-        shared = a["codes.shared"][a["tsne.rows"]]
         k = codes["neighbours"]
+        shared = shared_counts(a["codes.shared"], k)[a["tsne.rows"]]
         maps = []
         for label, pos in (("new", new_xy), ("old", old_xy)):
             dots = []
@@ -294,7 +304,7 @@ class CompareView(View):
                 rel = shown(ctx.images.records[n].rel)
                 dots.append({"x": round(float(pos[j, 0]), 1), "y": round(float(pos[j, 1]), 1),
                              "colour": colours[int(cls) % len(colours)],
-                             "title": f"{rel} · {_name(names, int(cls))} · {int(round(float(shared[j]) * k))}/{k} "
+                             "title": f"{rel} · {_name(names, int(cls))} · {int(shared[j])}/{k} "
                                       "neighbours shared"})
             maps.append({"label": label, "checkpoint": meta[label]["checkpoint"], "dots": dots})
         from .tsne import VIEW_H, VIEW_W
@@ -335,9 +345,12 @@ class CompareView(View):
         """The ``compare`` section of data/atlas.json (docs/atlas-json.md)."""
         meta = results["compare"].meta
         a = results["topk"].arrays
+        old_fv = results.get("featurevis_old")
+        fv_layers = old_fv.meta.get("layers", []) if old_fv is not None else []
         layers = []
         for li, l in enumerate(meta["layers"]):
             f = self._figures(results, li)
+            objective = old_fv.arrays[f"L{fv_layers.index(l['name'])}.objective"] if l["name"] in fv_layers else None
             channels = []
             for c in range(l["channels"]):
                 top = self._old_top(results, atlas, li, c)
@@ -350,19 +363,30 @@ class CompareView(View):
                     "old_top": [{"image": shown(ctx.images.records[e["index"]].rel), "value": round(e["value"], 6),
                                  "fmap_yx": e["fmap_yx"]} for e in top],
                 })
+                if objective is not None:  # what the channel page's old feature-vis caption says
+                    channels[-1]["old_featurevis"] = {"image": old_featurevis_url(l["name"], c),
+                                                      "objective": round(float(objective[c]), 6),
+                                                      "excited": bool(objective[c] > 0)}
             layers.append({key: l[key] for key in ("name", "change", "mean_jaccard", "mean_correlation",
                                                      "matched_correlation", "fits", "moved", "newly_dead",
-                                                     "newly_alive")} | {"channels": channels})
+                                                     "newly_alive", "dead_both", "most_changed", "unchanged")}
+                          | {"channels": channels})
         p = {k: v for k, v in meta["predictions"].items() if k != "output_names"}
         if p["available"]:
             names = meta["predictions"]["output_names"]
-            rows, probs = results["compare"].arrays["pred.changed"], results["compare"].arrays["pred.changed_prob"]
+            r = results["compare"].arrays
+            rows, probs = r["pred.changed"], r["pred.changed_prob"]
             p["changed_images"] = [{"image": shown(ctx.images.records[int(n)].rel),
                                     "label": shown(ctx.images.label_name(int(n))),
                                     "new": _name(names, int(new)), "old": _name(names, int(old)),
                                     "new_prob": round(float(pn), 6), "old_prob": round(float(po), 6)}
                                    for (n, new, old), (pn, po) in zip(rows.tolist(), probs.tolist())]
+            p["listed_images"] = [int(j) for j in r["pred.listed"]]  # the ones changes.html shows
         codes = {k: v for k, v in meta["codes"].items() if k != "map"}
+        if codes["available"]:  # per image, in the t-SNE sample's order: as the map's point titles say
+            r = results["compare"].arrays
+            codes["images"] = [shown(ctx.images.records[int(n)].rel) for n in r["codes.images"]]
+            codes["shared"] = shared_counts(r["codes.shared"], codes["neighbours"]).tolist()
         return {"old": meta["old"], "same_file": meta["same_file"], "nothing_changed": meta["nothing_changed"],
                 "sample": meta["sample"], "ranking": meta["ranking"], "layers": layers,
                 "predictions": p, "codes": codes}
@@ -377,7 +401,8 @@ class CompareView(View):
         share of data/atlas.json; then changes.html and changes-tsne.html.  The images whose
         prediction changed are counted from the share that changed on the size sample (both models
         run on it).  Not counted: the permutation list of a layer whose channels were reordered (about
-        45 bytes a moved channel; a fine-tuned checkpoint keeps the order)."""
+        45 bytes a moved channel, and the link of a moved channel's page to its match, about 150; a
+        fine-tuned checkpoint keeps the order)."""
         from ...passes.sampling import stratified_sample
         from ...passes.tsne import classifier_name
         from ..sizing import changed_share, row0_bytes, texts
@@ -410,9 +435,11 @@ class CompareView(View):
             items.append(SiteItem("compare", "by-change pages", pages, pages * (SIZES["by_change"] + 5 * name + old)
                                   + c * (SIZES["tile"] + 3 * name), l.name, example=by_change_url(l.name, pages)))
             entry = SIZES["json_entry"] + t.rel
-            items.append(SiteItem("compare", "data/atlas.json", 0, SIZES["json_layer"] + 2 * name
-                                  + c * (SIZES["json_channel"] + k * entry), l.name))
             listed = min(cfg.compare.channels, c)
+            items.append(SiteItem("compare", "data/atlas.json", 0, SIZES["json_layer"] + 2 * name
+                                  + listed * SIZES["json_number"]
+                                  + c * (SIZES["json_channel"] + k * entry + (SIZES["json_featurevis"] + s if fv else 0)),
+                                  l.name))
             items.append(SiteItem("compare", "changes pages", 0, SIZES["changes_layer"] + 4 * name
                                   + listed * (SIZES["changes_channel"] + s), l.name))
         classes = sum(len(n.encode("utf-8", "surrogateescape")) for n in ctx.images.classes)
@@ -423,9 +450,11 @@ class CompareView(View):
         items.append(SiteItem("compare", "changes pages", 1, changes, example=CHANGES))
         items.append(SiteItem("compare", "data/atlas.json", 0, SIZES["json"] + 2 * classes
                               + len(ctx.images.classes) * SIZES["json_class"]
-                              + changed * (SIZES["json_changed"] + t.rel + 3 * t.label)))
+                              + changed * (SIZES["json_changed"] + t.rel + 3 * t.label)
+                              + shown * SIZES["json_number"]))
         if classifier_name(ctx.net, cfg.tsne.layer) is not None:
             points = len(stratified_sample(ctx.images.labels, cfg.tsne.max_points, cfg.tsne.seed))
+            items.append(SiteItem("compare", "data/atlas.json", 0, points * (SIZES["json_point"] + t.rel)))
             dots = 2 * points * (SIZES["dot"] + t.rel + 2 * t.label) if cfg.tsne.enabled and points >= 5 else 0
             items.append(SiteItem("compare", "changes pages", 1, SIZES["changes_tsne"] + 2 * old + dots,
                                   example=CHANGES_TSNE))
