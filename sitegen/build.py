@@ -134,6 +134,26 @@ def check_config_against(ctx: BuildContext) -> None:
         OcclusionPass(cfg.occlusion, cfg.samples).layer_name(ctx)
     if cfg.tsne.enabled:
         classifier_name(ctx.net, cfg.tsne.layer)
+    if cfg.featurevis.enabled and cfg.featurevis.image_size and ctx.layers:
+        check_featurevis_size(ctx, cfg.featurevis.image_size)
+
+
+def check_featurevis_size(ctx: BuildContext, side: int) -> None:
+    """A ``featurevis.image_size`` the model cannot run at (a deep layer of Inception v3 needs 75 px)
+    is a config error now, not an internal error in the middle of the feature-visualisation pass:
+    one forward of a blank side×side image up to the deepest shown layer."""
+    from .hooks import capture_outputs, model_guard, run_until
+
+    last = ctx.layers[-1].name
+    x = torch.zeros((1, ctx.channels, side, side), device=ctx.device)
+    try:
+        with model_guard(ctx.net), torch.inference_mode(), capture_outputs(ctx.net, [last], stop_after_last=True):
+            run_until(ctx.net, x)
+    except RuntimeError as e:
+        h, w = ctx.input_size
+        raise ConfigError(f"config key 'featurevis.image_size' = {side}: the model cannot run at {side}×{side} px "
+                          f"up to {last} ({str(e).splitlines()[0][:160]})",
+                          f"set featurevis.image_size = 0 (the input size, {w}×{h} px) or a larger size") from None
 
 
 def prepare(model_path: str | Path, images_dir: str | Path, cfg: Config,

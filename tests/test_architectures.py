@@ -348,6 +348,8 @@ def test_small_build(name, tmp_path, make_images):
     from sitegen import config as config_mod
 
     cfg = config_mod.with_overrides(cfg, "model", arch=f"torchvision:{name}")
+    if side > 32:  # Inception v3's deep layers cannot run at 32 px: feature vis at the input size
+        cfg = config_mod.with_overrides(cfg, "featurevis", image_size=0)
     report = build(ckpt, images, out, cfg, cache_dir=None)
     print(name, {k: round(v, 1) for k, v in report.timings.items()})  # shown with -s (the sweep's figures)
     atlas = json.loads((out / "data" / "atlas.json").read_text())
@@ -415,3 +417,22 @@ def test_neighbours_follow_block_module_names():
     i = next(i for i, l in enumerate(layers) if l.name == "trunk_output.block2.block2-1.f.c.0")
     assert [n["name"] for n in _neighbours(ctx, i)] == ["trunk_output.block2.block2-0.f.c.0",
                                                        "trunk_output.block2.block2-1.f.c.0"]
+
+
+def test_a_featurevis_size_the_model_cannot_run_at_is_a_config_error(tmp_path, make_images):
+    """Inception v3 needs 75 px to reach Mixed_6a: featurevis.image_size = 32 stops the build before
+    any pass with the key and the fix, not with an internal error in the feature-vis pass."""
+    from sitegen import config as config_mod
+    from sitegen.errors import ConfigError
+
+    name, side = "inception_v3", 75
+    model = make(name)
+    ckpt = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), ckpt)
+    make_images(tmp_path / "imgs", 2, size=side, classes=2)
+    cfg = config_mod.with_overrides(tiny_config(["Conv2d_1a_3x3.conv", "Mixed_6a.branch3x3.conv"]), "model", arch=f"torchvision:{name}")
+    with pytest.raises(ConfigError) as e:
+        build(ckpt, tmp_path / "imgs", tmp_path / "site", cfg, cache_dir=None)
+    assert "featurevis.image_size" in str(e.value) and "32×32" in str(e.value) and "Mixed_6a.branch3x3.conv" in str(e.value)
+    assert "featurevis.image_size = 0" in e.value.hint
+    assert not (tmp_path / "site").exists()
