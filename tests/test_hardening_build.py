@@ -6,9 +6,7 @@ Every case builds a tiny model over a dozen tiny images in tmp_path.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,17 +19,9 @@ from sitegen.model_loading import build_architecture
 from sitegen.output import MARKER
 
 
-def _load_corpus():
-    """tests/hardening_corpus.py, loaded once (tests/ is not a package)."""
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", Path(__file__).with_name("hardening_corpus.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
 
 
-corpus = _load_corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import builtins
 import collections
-import importlib.util
 import os
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
@@ -22,17 +20,9 @@ from sitegen.errors import ModelLoadError
 from sitegen.model_loading import build_architecture, load_model, logits
 
 
-def _load_corpus():
-    """tests/hardening_corpus.py, loaded once (tests/ is not a package)."""
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", Path(__file__).with_name("hardening_corpus.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
 
 
-corpus = _load_corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 TINY = corpus.TINY_ARCH
 
 

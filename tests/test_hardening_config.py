@@ -3,8 +3,6 @@ types and out-of-range values named by their TOML key, files that are not TOML â
 and exit code 2 through the CLI, before any work is done."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,9 @@ from sitegen import config
 from sitegen.errors import ConfigError
 
 
-def _load_corpus():
-    """tests/hardening_corpus.py, loaded once (tests/ is not a package)."""
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", Path(__file__).with_name("hardening_corpus.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
 
 
-corpus = _load_corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 
 # (id, TOML text, phrases the message must hold)
 CASES = [

@@ -5,12 +5,10 @@ The corpus is in tests/hardening_corpus.py; every file is made in tmp_path.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +21,9 @@ from sitegen.images import discover, header_size, load_pixels, read_rgb, shown
 
 
 
-def _load_corpus():
-    """tests/hardening_corpus.py, loaded once (tests/ is not a package)."""
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", Path(__file__).with_name("hardening_corpus.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
 
 
-corpus = _load_corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 
 CASES = corpus.image_corpus()
 

@@ -5,9 +5,7 @@ The folder-level cases through the CLI (stops and warnings) are in tests/test_ha
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +28,7 @@ GREY_ARCH = f"{REPO / 'tests' / 'tiny_models.py'}:tiny_grey_cnn"
 RGBA_ARCH = f"{REPO / 'tests' / 'tiny_models.py'}:tiny_rgba_cnn"
 
 
-def _corpus():
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", REPO / "tests" / "hardening_corpus.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
-
-
-corpus = _corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 
 
 def _checkpoint(folder: Path, arch: str) -> Path:

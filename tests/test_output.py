@@ -6,7 +6,6 @@ Unit tests drive check_target/publish with small staged trees; CLI tests run rea
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -20,17 +19,9 @@ from sitegen.errors import ImageError
 from sitegen.output import MARKER, OutputError, check_target, discard, publish, staging_dir
 
 
-def _load_corpus():
-    """tests/hardening_corpus.py, loaded once (tests/ is not a package)."""
-    if "hardening_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hardening_corpus", Path(__file__).with_name("hardening_corpus.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["hardening_corpus"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["hardening_corpus"]
 
 
-corpus = _load_corpus()
+import hardening_corpus as corpus  # noqa: E402  (tests/ is on the import path: pyproject's pythonpath)
 
 OLD = {"index.html": "old index", "layers/a/index.html": "old a", "layers/gone/index.html": "old gone",
        "img/a/0.png": "old png", "assets/style.css": "old css"}
