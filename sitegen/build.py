@@ -60,7 +60,9 @@ def cached_layers(model: LoadedModel, input_shape: tuple[int, int, int], cache: 
     """Layer discovery (a traced forward; a probe backward per layer the arithmetic cannot follow)
     is cached like a pass result."""
     arch = hashlib.sha256(model.arch.encode("utf-8", "surrogateescape")).hexdigest()[:8]  # hash() is per-process
-    key = f"layers-v2-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
+    # v3: the gradient probe (the fields of layers the arithmetic cannot follow) runs in float64
+    # with gates at 1; a float32 probe could cut a deep layer's field short by underflow.
+    key = f"layers-v3-{model.weights_hash[:16]}-{arch}-{'x'.join(map(str, input_shape))}"
     path = cache / f"{key}.json" if cache else None
     if path and path.is_file():
         try:

@@ -33,13 +33,13 @@ computed from a lost track are measured with the gradient probe instead (``layer
 
 Gradient probe
 --------------
-:func:`probe_fields` measures a field the independent way: the support of the gradient of one unit
-with respect to the input, in a copy of the model whose weights are positive random
+:func:`probe_field` measures a field the independent way: the support of the gradient of one unit
+with respect to the input, in a float64 copy of the model whose weights are positive random
 numbers, whose BatchNorms are the identity, whose activations are the identity and whose max-pools
 are average pools (so every pixel of a window gets gradient), with squeeze-and-excitation gates
-(1×1 operands of a product or sum with a feature map) detached, following the convention above.
-The input grows until the unit's field lies inside it.  It costs a backward per layer and size;
-the tests check the arithmetic against it on every torchvision architecture.
+(1×1 operands of a product or sum with a feature map) detached and set to 1, following the
+convention above.  The input grows until the unit's field lies inside it.  It costs a backward per
+layer and size; the tests check the arithmetic against it on every torchvision architecture.
 """
 from __future__ import annotations
 
@@ -639,7 +639,7 @@ _PROBE_BINARY = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "ad
 class ProbeMode(TorchFunctionMode):
     """During the gradient probe: activations are the identity, max-pooling is average pooling
     (same geometry, but the gradient reaches every pixel of each window) and gates (1×1 operands of
-    a product or sum with a larger map) are detached."""
+    a product or sum with a larger map) are detached, and 1 in a product."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -667,10 +667,18 @@ class ProbeMode(TorchFunctionMode):
             return args[0]
         if name in _PROBE_BINARY and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
             a, b = args[0], args[1]
+            # A gate adds no extent (the convention), so its gradient is cut; in a product its value
+            # only scales the map per channel, which moves no support, so it is 1.  Its own value
+            # would not do: an SE gate computed from the probe's all-positive map is about the
+            # map's mean, so every gated block squares the magnitudes (MobileNetV3-Large's map
+            # passes 1e37 by features.14, whose gate overflows float32, and an infinite forward
+            # gives NaN gradients, which reach no pixel); ConvNeXt's layer scale (1e-6 in each of
+            # 18 blocks) pushes the far edges of deep fields towards underflow.
+            mul = "mul" in name
             if _is_gate(a, b):
-                a = a.detach()
+                a = torch.ones_like(a) if mul else a.detach()
             elif _is_gate(b, a):
-                b = b.detach()
+                b = torch.ones_like(b) if mul else b.detach()
             if name.endswith("_") or name.startswith("__i"):
                 name = name.strip("_").rstrip("_")
                 return torch.mul(a, b) if "mul" in name else torch.add(a, b)
@@ -678,19 +686,29 @@ class ProbeMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def probe_model(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float32 copy whose convolution and linear weights are positive random numbers and whose
+def probe_model(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A float64 copy whose convolution and linear weights are positive random numbers and whose
     BatchNorms are the identity: no gradient cancels to zero by symmetry or sign, so the gradient's
     support is exactly the receptive field.  (Equal weights would not do: a LayerNorm over channels
-    passes no gradient back when every channel gets the same one.)  float32, not float64: the
-    gradients stay far from underflow, and float64 depthwise convolutions are an order of
-    magnitude slower on the CPU.  The model is only copied."""
-    probe = copy.deepcopy(model).float().eval()
+    passes no gradient back when every channel gets the same one.)  The model is only copied.
+
+    float64, because the gradient that reaches the far edge of a field is a product of one small
+    share per layer on the longest path (an edge tap of a 3×3 convolution carries about a third of
+    a row's gradient, a DenseNet layer's 32 new channels a small part of the concatenation read
+    after them), so it shrinks geometrically with depth.  In float32 it falls below the smallest
+    float (1.4e-45) and reads as zero: DenseNet-121's denseblock3 fields came out 4 px short on
+    each side, ConvNeXt-T's deep stages 12 px.  In float64 the smallest gradient any layer of the
+    torchvision sweep gets is about 1e-104 (DenseNet-121), far above float64's smallest normal
+    number (2.2e-308); tests/test_architectures.py fails any probed layer whose gradient turns
+    subnormal, the symptom the float32 probe showed on every layer it cut short.
+    Cost: the same time on DenseNet and ConvNeXt (whose float32 tails ran in slow subnormal
+    arithmetic), about 4–5× on depthwise-convolution models (EfficientNet-B0, MobileNetV3)."""
+    probe = copy.deepcopy(model).to(dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in probe.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                w = torch.rand(m.weight.shape, generator=gen, dtype=torch.float32) + 0.5
+                w = torch.rand(m.weight.shape, generator=gen, dtype=torch.float64) + 0.5
                 m.weight.copy_(w / max(1, m.weight[0].numel()))
                 if m.bias is not None:
                     m.bias.zero_()
@@ -715,7 +733,8 @@ def gradient_support(probe: nn.Module, layer: str, shape: tuple[int, int, int],
                      units: Sequence[tuple[int, int]], seed: int = 0):
     """For each unit (y, x) of ``layer``: ((row0, row1), (col0, col1)), the extent of the input
     pixels its gradient reaches (None where none), and the layer's output (H, W).  One forward
-    (cut after the layer) and one backward, one sample per unit."""
+    (cut after the layer) and one backward, one sample per unit.  FloatingPointError when the
+    gradient is not finite (an overflowed forward): NaN would otherwise read as "not seen"."""
     out: dict[str, torch.Tensor] = {}
 
     def keep(_m, _i, o):
@@ -723,7 +742,8 @@ def gradient_support(probe: nn.Module, layer: str, shape: tuple[int, int, int],
         raise StopForward()
 
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand((len(units), *shape), generator=gen, dtype=torch.float32) + 0.5).requires_grad_(True)
+    dtype = next((p.dtype for p in probe.parameters()), torch.float64)
+    x = (torch.rand((len(units), *shape), generator=gen, dtype=dtype) + 0.5).requires_grad_(True)
     handle = probe.get_submodule(layer).register_forward_hook(keep)
     try:
         with ProbeMode():
@@ -735,6 +755,8 @@ def gradient_support(probe: nn.Module, layer: str, shape: tuple[int, int, int],
     for n, (y, xx) in enumerate(units):
         g[n, :, y, xx] = 1.0
     (grad,) = torch.autograd.grad(o, x, g)
+    if not torch.isfinite(grad).all():  # a NaN is not > 0: it would read as a pixel the unit does not see
+        raise FloatingPointError(f"the gradient probe of {layer!r} overflowed at a {shape[1]}×{shape[2]} input")
     nz = grad.abs().sum(1) > 0  # (N, H, W)
     result = []
     for n in range(len(units)):

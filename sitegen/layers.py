@@ -111,7 +111,12 @@ def _probed(model: nn.Module, fallback: dict[str, str], input_shape: tuple[int, 
     probe = probe_model(model)
     found = {}
     for n, reason in fallback.items():
-        rf = probe_field(probe, n, input_shape[0], (input_shape[1], input_shape[2]), max_side)
+        try:
+            rf = probe_field(probe, n, input_shape[0], (input_shape[1], input_shape[2]), max_side)
+        except FloatingPointError as e:
+            raise LayerError(f"the receptive field of {n!r} is not measurable: {e} "
+                             f"(the field arithmetic cannot follow {reason})",
+                             "select other layers with --layer; `sitegen layers` lists them") from None
         if rf is None:
             raise LayerError(f"the receptive field of {n!r} is larger than {max_side} pixels or not measurable "
                              f"(the field arithmetic cannot follow {reason})",
