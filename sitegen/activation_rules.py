@@ -303,8 +303,8 @@ class _RectifiedReLU(torch.autograd.Function):
         if method == "deconvnet":
             return grad.clamp(min=0), None, None
         (positive_input,) = ctx.saved_tensors
-        if method == "guided":
-            return grad.clamp(min=0) * positive_input, None, None
+        if method == "guided":  # in place on clamp's own new tensor (never on ``grad``, which may be shared)
+            return grad.clamp(min=0).mul_(positive_input), None, None
         return grad * positive_input, None, None  # "gradient": what autograd's own ReLU backward does
 
 
@@ -335,7 +335,7 @@ class _RuledActivation(torch.autograd.Function):
             return grad.clamp(min=0), None, None, None
         (derivative,) = ctx.saved_tensors
         if method == "guided":
-            return grad.clamp(min=0) * derivative, None, None, None
+            return grad.clamp(min=0).mul_(derivative), None, None, None
         return grad * derivative, None, None, None
 
 

@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
-from .hooks import capture_outputs, get_module, model_guard, run_until
+from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until
 
 METHODS = ("guided", "deconvnet", "gradient")
 
@@ -318,15 +318,29 @@ def normalise_for_display(attr: np.ndarray | torch.Tensor, percentile: float = 9
     """
     if isinstance(attr, torch.Tensor):
         attr = attr.detach().cpu().float().numpy()
-    a = np.nan_to_num(np.asarray(attr, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    a = np.asarray(attr)
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise AttributionError(f"cannot display an attribution of shape {a.shape}; expected (1 or 3, H, W)")
-    scale = np.percentile(np.abs(a), percentile)
-    if scale <= 0:
-        scale = np.abs(a).max()
-    v = np.clip(a / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(a)
-    img = np.rint(128.0 + 127.0 * v).astype(np.uint8).transpose(1, 2, 0)
-    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else np.ascontiguousarray(img)
+    return normalise_many_for_display(a[None], percentile)[0]
+
+
+def normalise_many_for_display(attrs: np.ndarray | torch.Tensor, percentile: float = 99.0) -> np.ndarray:
+    """:func:`normalise_for_display` of each of ``P`` attributions ``(P, C, H, W)`` at once (each
+    with its own scale), as ``(P, H, W, 3)`` uint8: the same numbers, one call instead of ``P``."""
+    if isinstance(attrs, torch.Tensor):
+        attrs = attrs.detach().cpu().float().numpy()
+    a = np.nan_to_num(np.asarray(attrs, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise AttributionError(f"cannot display attributions of shape {a.shape}; expected (P, 1 or 3, H, W)")
+    if not len(a):
+        return np.zeros((0, *a.shape[2:], 3), dtype=np.uint8)
+    flat = np.abs(a).reshape(len(a), -1)
+    scale = np.percentile(flat, percentile, axis=1)
+    scale = np.where(scale > 0, scale, flat.max(axis=1))
+    safe = np.where(scale > 0, scale, 1.0)[:, None, None, None]
+    v = np.where(scale[:, None, None, None] > 0, np.clip(a / safe, -1.0, 1.0), 0.0)
+    img = np.rint(128.0 + 127.0 * v).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(img, 3, axis=3) if img.shape[3] == 1 else np.ascontiguousarray(img)
 
 
 # --- image independence, decided from the model's structure ---------------------------------------
@@ -448,6 +462,9 @@ class _OpAudit(TorchFunctionMode):
     def _block(self, why: str) -> None:
         if self.blocker is None:
             self.blocker = why
+            # The answer is "not proved" whatever runs after: stop the probe forward here (the
+            # gradient and guided backprop meet their first ReLU a few calls in).
+            raise StopForward()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -567,13 +584,13 @@ def image_independent(model: nn.Module, layer: str, method: str,
         x = torch.zeros((1, *input_shape), device=device, requires_grad=True)
         with torch.enable_grad(), capture_outputs(model, [layer], stop_after_last=True) as store, audit:
             run_until(model, x.clone())
+        if audit.blocker is not None:
+            return Independence(False, f"between the input and {layer}: {audit.blocker}")
         out = store.get(layer)
         if out is None or not isinstance(out, torch.Tensor):
             return Independence(False, f"layer {layer!r} never ran during the probe forward")
         if not out.requires_grad:
             return Independence(False, f"layer {layer!r} does not depend on the input")
-        if audit.blocker is not None:
-            return Independence(False, f"between the input and {layer}: {audit.blocker}")
         blocker = _graph_blocker(out, method, audit.activations)
     if blocker is not None:
         return Independence(False, f"between the input and {layer}: {blocker}")

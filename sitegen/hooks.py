@@ -21,17 +21,22 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        if eval_mode:
+        # Only what differs is set, either way: analysis calls this once per batch, and a model
+        # already in eval mode with frozen weights (the usual case) then costs two list walks.
+        if eval_mode and any(training for _, training in modes):
             model.eval()
         if freeze:
-            for p in model.parameters():
-                p.requires_grad_(False)
+            for p, flag in flags:
+                if flag:
+                    p.requires_grad_(False)
         yield model
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

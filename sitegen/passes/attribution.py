@@ -62,7 +62,7 @@ import torch
 
 from .. import progress
 from ..activation_rules import ActivationReport, find_activations
-from ..attribution import AttributionWarning, attribute_methods, image_independent, normalise_for_display
+from ..attribution import AttributionWarning, attribute_methods, image_independent, normalise_many_for_display
 from ..config import AttributionConfig
 from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
@@ -150,8 +150,16 @@ def crop_windows(grads: torch.Tensor, x0: np.ndarray, y0: np.ndarray, window: in
 
 def display_crop(crop: np.ndarray, side: int) -> np.ndarray:
     """One float crop ``(C, w, w)`` as the stored ``(side, side, 3)`` uint8 image."""
-    img = normalise_for_display(crop, PERCENTILE)
-    return resize_square(img, side) if img.shape[0] != side else img
+    return display_crops(crop[None], side)[0]
+
+
+def display_crops(crops: np.ndarray, side: int) -> np.ndarray:
+    """Float crops ``(P, C, w, w)`` as the stored ``(P, side, side, 3)`` uint8 images (each
+    normalised on its own, then resized when ``w != side``)."""
+    imgs = normalise_many_for_display(crops, PERCENTILE)
+    if imgs.shape[1] == side:
+        return imgs
+    return np.stack([resize_square(img, side) for img in imgs]) if len(imgs) else np.zeros((0, side, side, 3), np.uint8)
 
 
 SHARED = "deconvnet"
@@ -425,8 +433,7 @@ class AttributionPass(AnalysisPass):
             grads = attribute_methods(ctx.net, normalise(stacked, ctx.config.data), plan.name, units, [SHARED],
                                       rows=[q % rows for q in range(len(picks))])[SHARED]
             crops = crop_windows(grads, plan.x0[picks], plan.y0[picks], plan.window)
-            for q, pair in enumerate(picks):
-                out[plan.c[pair], plan.j[pair]] = display_crop(crops[q], plan.side)
+            out[plan.c[picks], plan.j[picks]] = display_crops(crops, plan.side)
             advance(len(picks))
         out[plan.c, plan.j] = out[plan.c[sharing.rep], plan.j[sharing.rep]]
 
@@ -465,9 +472,12 @@ class AttributionPass(AnalysisPass):
         cs, js = plan.c[s], plan.j[s]
         grads = attribute_methods(ctx.net, inputs, plan.name, units, methods, rows=rows.tolist())
         for m in methods:
-            crops = crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window)
-            for p in range(len(units)):
-                out[m][cs[p], js[p]] = display_crop(crops[p], plan.side)
+            imgs = display_crops(crop_windows(grads.pop(m), plan.x0[s], plan.y0[s], plan.window), plan.side)
+            if isinstance(out[m], np.ndarray):
+                out[m][cs, js] = imgs
+            else:  # a _Slots dict of some pairs' crops
+                for p in range(len(imgs)):
+                    out[m][cs[p], js[p]] = imgs[p]
 
 
 def attribute_units(ctx: BuildContext, name: str, units: list[tuple[int, int, int, int]], methods: list[str],

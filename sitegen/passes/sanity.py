@@ -106,6 +106,32 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)), -1.0, 1.0))
 
 
+def spearman_many(a: np.ndarray, bs: np.ndarray) -> np.ndarray:
+    """:func:`spearman` of ``a`` against each of ``bs`` (``(K, *a.shape)``) at once: ``a``'s ranks
+    are computed once and the ``K`` rankings together (the same figures to float rounding;
+    a ranking equal to ``a``'s is exactly 1)."""
+    from scipy.stats import rankdata
+
+    a = np.ravel(a)
+    b = np.asarray(bs).reshape(len(bs), -1)
+    out = np.zeros(len(b))
+    if not len(b):
+        return out
+    flat_a = bool(np.ptp(a) == 0) if a.size else True
+    flat_b = np.ptp(b, axis=1) == 0 if a.size else np.ones(len(b), bool)
+    out[flat_a & flat_b] = 1.0  # two blank pictures are the same picture; one blank has no ranking in common
+    live = ~flat_b if not flat_a else np.zeros(len(b), bool)
+    if live.any():
+        ra = _ranks(a)
+        ra -= ra.mean()
+        rb = rankdata(b[live], method="average", axis=1)
+        rb -= rb.mean(axis=1, keepdims=True)
+        rho = (rb @ ra) / np.sqrt((ra @ ra) * np.einsum("ij,ij->i", rb, rb))
+        rho[np.all(rb == ra, axis=1)] = 1.0
+        out[live] = np.clip(rho, -1.0, 1.0)
+    return out
+
+
 def _ranks(a: np.ndarray) -> np.ndarray:
     """Ranks 1..n, tied values sharing their average rank (scipy.stats.rankdata's "average")."""
     _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
@@ -117,22 +143,29 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     """Mean structural similarity (Wang et al. 2004) of two grey images with values in [0, 255]:
     a uniform ``window`` (at most the image side, odd, at least 3; NaN on smaller images), the
     usual constants, the mean over the positions where the window fits inside the image."""
+    return float(ssim_many(a, np.asarray(b)[None], window)[0])
+
+
+def ssim_many(a: np.ndarray, bs: np.ndarray, window: int = 7) -> np.ndarray:
+    """:func:`ssim` of ``a`` against each of ``bs`` (``(K, *a.shape)``) at once (``a``'s local
+    means and variances computed once, the ``K`` images filtered together)."""
     from scipy.ndimage import uniform_filter
 
+    bs = np.asarray(bs)
     side = min(a.shape)
     w = min(window, side - (1 - side % 2))
     if w < 3:
-        return float("nan")
-    a, b = a.astype(np.float64), b.astype(np.float64)
+        return np.full(len(bs), np.nan)
+    a, b = a.astype(np.float64)[None], bs.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mean = lambda t: uniform_filter(t, size=w, mode="reflect")  # noqa: E731
+    mean = lambda t: uniform_filter(t, size=(1, w, w), mode="reflect")  # noqa: E731 - not across images
     ma, mb = mean(a), mean(b)
     n = w * w
     cov = n / (n - 1)  # sample covariance, as skimage's structural_similarity
     va, vb, vab = cov * (mean(a * a) - ma * ma), cov * (mean(b * b) - mb * mb), cov * (mean(a * b) - ma * mb)
     s = ((2 * ma * mb + c1) * (2 * vab + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
     r = w // 2
-    return float(s[r:s.shape[0] - r, r:s.shape[1] - r].mean())
+    return s[:, r:s.shape[1] - r, r:s.shape[2] - r].mean(axis=(1, 2))
 
 
 def sobel_magnitude(pixels: np.ndarray) -> np.ndarray:
@@ -362,7 +395,10 @@ def _window_in_image(box: np.ndarray, hw: tuple[int, int]) -> tuple[int, int, in
 def attribute_pairs(ctx: BuildContext, model: nn.Module, layer: str, images: np.ndarray, units: np.ndarray,
                     boxes: np.ndarray, side: int, methods: list[str], pixels: PixelCache, batch: int) -> Pictures:
     """Attribute unit ``units[p]`` (channel, y, x) on image ``images[p]`` for every pair ``p``, every
-    method from one forward per batch; reduce each to what the comparisons read."""
+    method from one forward per batch; reduce each to what the comparisons read.  The windows of
+    one layer's units all have one side, so each batch's display crops are made together."""
+    from .attribution import crop_windows, display_crops
+
     out = Pictures({m: [] for m in methods}, {m: [] for m in methods}, {m: [] for m in methods})
     h, w = ctx.input_size
     for start in range(0, len(images), batch):
@@ -373,23 +409,23 @@ def attribute_pairs(ctx: BuildContext, model: nn.Module, layer: str, images: np.
             # Rule-less activations: the attribution pass has said so for these very methods and model.
             warnings.simplefilter("ignore", AttributionWarning)
             grads = attribute_methods(model, inputs, layer, [tuple(u) for u in units[s].tolist()], methods)
+        bx = boxes[s]
+        windows = np.unique(bx[:, 2] - bx[:, 0])
         for m in methods:
             g = grads.pop(m).detach().float().cpu()
-            for p, box in enumerate(boxes[s]):
+            mags = g.abs().sum(1).double().numpy()
+            grey = np.empty((len(bx), side, side))
+            for window in windows.tolist():  # one side per layer; grouped all the same
+                at = np.flatnonzero(bx[:, 2] - bx[:, 0] == window)
+                crops = crop_windows(g[at], bx[at, 0], bx[at, 1], int(window))
+                grey[at] = display_crops(crops, side).astype(np.float64).mean(axis=3)
+            for p, box in enumerate(bx):
                 x0, y0, x1, y1 = _window_in_image(box, (h, w))
-                mag = g[p, :, y0:y1, x0:x1].abs().sum(0).double().cpu().numpy()
+                mag = mags[p, y0:y1, x0:x1]
                 out.magnitude[m].append(mag)
                 out.blank[m].append(not bool(np.any(mag > 0)))
-                out.display[m].append(_display_grey(g[p], box, side))
+                out.display[m].append(grey[p])
     return out
-
-
-def _display_grey(grad: torch.Tensor, box: np.ndarray, side: int) -> np.ndarray:
-    """The display crop the attribution pass stores for this window, as grey levels."""
-    from .attribution import crop_windows, display_crop
-
-    crop = crop_windows(grad[None], np.array([box[0]]), np.array([box[1]]), int(box[2] - box[0]))[0]
-    return display_crop(crop, side).astype(np.float64).mean(axis=2)
 
 
 # ---------------------------------------------------------------- the pass
@@ -623,26 +659,28 @@ class SanityPass(AnalysisPass):
         for m in methods:
             base, disp = trained.magnitude[m], trained.display[m]
             for u in range(n):
-                res[f"{m}.edge"][u] = spearman(base[u], edges[u])
-                for kind, pics in copies.items():
-                    res[f"{m}.{kind}"][u] = spearman(base[u], pics.magnitude[m][u])
-                    res[f"{m}.ssim_{kind}"][u] = ssim(disp[u], pics.display[m][u])
-                    res[f"{m}.blank_{kind}"][u] = pics.blank[m][u]
+                # Every picture this unit's is compared with, then all comparisons at once.
+                against: list[tuple[str, int | None, Pictures, int]] = [(kind, None, pics, u)
+                                                                        for kind, pics in copies.items()]
                 for j in range(k):
                     q = other_pos.get((u, j))
                     if q is not None:
-                        pics = trained
+                        against.append(("images", j, trained, q))
                     elif (u, j) in rest_pos and m in measured:
-                        pics, q = unproved, rest_pos[(u, j)]
+                        against.append(("images", j, unproved, rest_pos[(u, j)]))
                     elif (u, j) in rest_pos:  # proved: the very picture of its own image
                         res[f"{m}.images"][u, j] = res[f"{m}.ssim_images"][u, j] = 1.0
                         res[f"{m}.blank_images"][u, j] = trained.blank[m][u]
-                        continue
-                    else:
-                        continue
-                    res[f"{m}.images"][u, j] = spearman(base[u], pics.magnitude[m][q])
-                    res[f"{m}.ssim_images"][u, j] = ssim(disp[u], pics.display[m][q])
-                    res[f"{m}.blank_images"][u, j] = pics.blank[m][q]
+                rho = spearman_many(base[u], np.stack([edges[u]] + [p.magnitude[m][q] for *_, p, q in against]))
+                res[f"{m}.edge"][u] = rho[0]
+                if not against:
+                    continue
+                sims = ssim_many(disp[u], np.stack([p.display[m][q] for *_, p, q in against]))
+                for (kind, j, pics, q), r, sim in zip(against, rho[1:], sims):
+                    at = (u,) if j is None else (u, j)
+                    res[f"{m}.{kind}"][at] = r
+                    res[f"{m}.ssim_{kind}"][at] = sim
+                    res[f"{m}.blank_{kind}"][at] = pics.blank[m][q]
         return res
 
 
