@@ -131,6 +131,10 @@ class BuildContext:
             "images": self.images.digest(),
             "data": as_dict(self.config.data),
             "layers": [l.name for l in self.layers],
+            # The fields decide every crop window the passes store: a field measured differently
+            # (another sitegen, a probe-measured layer) must not reuse results cut at the old windows.
+            "fields": [[l.rf.size, l.rf.stride, l.rf.offset, l.rf.size_x, l.rf.stride_x, l.rf.offset_x]
+                       for l in self.layers],
             "input": list(self.input_size),
         }
 

@@ -640,3 +640,21 @@ def test_rows_are_checked(tiny_model):
     # Inputs without units are fine: they go forward and get no attribution.
     got = attribute_methods(tiny_model, x, "conv1", [(0, 1, 1)], ["gradient"], rows=[1])
     assert got["gradient"].shape == (1, 3, 16, 16)
+
+
+def test_display_normalisation_of_a_batch_equals_one_by_one():
+    """The passes normalise a batch of crops at once: each keeps its own scale, byte for byte the
+    single-crop result (an all-zero crop grey, a crop whose 99th percentile is 0 scaled by its max)."""
+    from sitegen.attribution import normalise_for_display, normalise_many_for_display
+
+    rng = np.random.default_rng(0)
+    crops = rng.normal(size=(5, 3, 7, 7)) * np.array([1, 10, 0.01, 0, 1])[:, None, None, None]
+    crops[4] = 0
+    crops[4, 1, 3, 3] = -2.0  # one pixel: the 99th percentile of |a| is 0
+    many = normalise_many_for_display(crops)
+    assert many.shape == (5, 7, 7, 3) and many.dtype == np.uint8
+    for p in range(5):
+        assert np.array_equal(many[p], normalise_for_display(crops[p]))
+    assert (many[3] == 128).all() and many[4][3, 3, 1] == 1
+    grey = normalise_many_for_display(crops[:, :1])
+    assert np.array_equal(grey[0], normalise_for_display(crops[0, :1]))

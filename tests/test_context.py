@@ -80,3 +80,16 @@ def test_channels_last_is_decided_when_the_context_is_made(tmp_path, make_images
     assert gpu_like.channels_last and len(calls) == n  # never again
     assert not dataclasses.replace(ctx, device=torch.device("cpu"), _channels_last=None).channels_last
     assert len(calls) == n  # no probe on the CPU
+
+
+def test_cache_identity_includes_every_layers_field(tmp_path, make_images, tiny_checkpoint, paths):
+    """Crop windows come from the fields: results cut at other windows must not be reused."""
+    import dataclasses
+
+    from sitegen.fields import ReceptiveField
+
+    ctx = _ctx(tmp_path, make_images, tiny_checkpoint, paths)
+    before = ctx.identity()
+    first = ctx.layers[0]
+    ctx.layers[0] = dataclasses.replace(first, rf=ReceptiveField(first.rf.size + 2, first.rf.stride, first.rf.offset - 1))
+    assert ctx.identity() != before and ctx.identity()["layers"] == before["layers"]

@@ -163,11 +163,11 @@ def display_crops(crops: np.ndarray, side: int) -> np.ndarray:
 
 
 SHARED = "deconvnet"
+"""The method whose picture can be proved the same for every image (see :func:`share_units`)."""
 ROUNDS = 8
 """Backward rounds one forward serves when computing shared pictures (see ``_shared``)."""
 WORTH = 0.9
 """Shared pictures are computed apart when at most this share of a layer's units needs one."""
-"""The method whose picture can be proved the same for every image (see :func:`share_units`)."""
 
 
 @dataclass

@@ -76,10 +76,10 @@ from ..planning import PassPlan, Probe, count
 from .base import AnalysisPass, ItemStore, Result
 
 CHECKS = ("own", "cascade", "images", "edge")
+"""The similarities, in the order the pages list them."""
 CROSS_CHECK = 2
 """Units per layer whose other-image pictures are measured even where a method is proved
 image-independent (the measurement checks the proof; the other units take the proved value)."""
-"""The similarities, in the order the pages list them."""
 
 WEIGHTS_HIGH = 0.5
 """A picture whose ranking of pixels (Spearman) and whose display crop (SSIM) both keep at least

@@ -312,3 +312,22 @@ def test_resnet20_published_ordering(resnet20_sanity):
     for layer in STAGES:
         assert image_independent(ctx.net, layer, "deconvnet", (3, 32, 32))
         assert not image_independent(ctx.net, layer, "guided", (3, 32, 32))
+
+
+def test_many_at_once_equals_one_by_one():
+    """The pass compares each unit's picture with all its others in one call: the same figures as
+    pair by pair (ties, blank pictures and an identical picture included)."""
+    from sitegen.passes.sanity import spearman, spearman_many, ssim, ssim_many
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 6, size=(9, 9)).astype(float)  # many ties
+    others = [a.copy(), -a, np.zeros_like(a), rng.integers(0, 6, size=a.shape).astype(float), 2 * a + 1,
+              rng.random(a.shape)]
+    got = spearman_many(a, np.stack(others))
+    want = [spearman(a, b) for b in others]
+    assert got[0] == 1.0 and got[2] == 0.0
+    assert got == pytest.approx(want, abs=1e-12)
+    assert spearman_many(np.zeros((4, 4)), np.stack([np.zeros((4, 4)), a[:4, :4]])).tolist() == [1.0, 0.0]
+    grey = [np.clip(a * 40 + rng.normal(0, 30, a.shape), 0, 255) for _ in range(4)] + [a * 40]
+    assert ssim_many(a * 40, np.stack(grey)) == pytest.approx([ssim(a * 40, g) for g in grey], rel=1e-12)
+    assert np.isnan(ssim_many(a[:2, :2], np.stack([a[:2, :2]]))).all()
