@@ -43,7 +43,8 @@ from sitegen.config import FeatureVisConfig  # noqa: E402
 from sitegen.hooks import model_guard  # noqa: E402
 from sitegen.layers import discover  # noqa: E402
 from sitegen.model_loading import load_model  # noqa: E402
-from sitegen.passes.featurevis import IMAGENET_COLOUR, Ascent, visualise_channels, visualise_classes  # noqa: E402
+from sitegen.context import channels_last_works  # noqa: E402
+from sitegen.passes.featurevis import IMAGENET_COLOUR, Ascent, precision, visualise_channels, visualise_classes  # noqa: E402
 
 
 def macs_until(model: torch.nn.Module, names: list[str], size: tuple[int, int]) -> dict[str, int]:
@@ -98,9 +99,11 @@ def measure(steps: int | None = None, batch: int | None = None, threads: int | N
     batch = batch or cfg.batch_size or 64
     size = (32, 32)
     jitter = cfg.jitter if cfg.jitter >= 0 else max(1, round(32 / 16))
-    a = Ascent(steps=steps, lr=cfg.lr, jitter=jitter, size=size, mean=CIFAR_MEAN, std=CIFAR_STD,
-               decorrelate=cfg.decorrelate, colour=tuple(map(tuple, IMAGENET_COLOUR.tolist())), seed=cfg.seed)
     model = load_model(MODEL, ARCH, False).model
+    a = Ascent(steps=steps, lr=cfg.lr, lr_end=cfg.lr_end, jitter=jitter, size=size, mean=CIFAR_MEAN, std=CIFAR_STD,
+               decorrelate=cfg.decorrelate, colour=tuple(map(tuple, IMAGENET_COLOUR.tolist())), seed=cfg.seed,
+               precision=precision(cfg.precision, torch.device("cpu")), fast_steps=True,
+               channels_last=channels_last_works(model, size, torch.device("cpu")))
     layers = discover(model, (3, *size))
     macs = macs_until(model, [l.name for l in layers], size)
     stages: dict[str, list] = {}
@@ -162,7 +165,7 @@ FULL_LENGTH = {"steps": 64, "lr": 0.05}
 def quality(per_layer: int = 32, threads: int | None = None,
             layers: tuple[str, ...] = ("conv1", "layer1.4", "layer1.8.conv2", "layer2.0.conv1", "layer2.8",
                                        "layer3.4.conv2", "layer3.8"),
-            full_steps: int = FULL_LENGTH["steps"]) -> dict[str, Any]:
+            full_steps: int = FULL_LENGTH["steps"], steps: int | None = None) -> dict[str, Any]:
     """The pass's default ascent against the full-length run it replaces (``FULL_LENGTH``), side by
     side on the same channels of the shared ResNet-56: per channel the final objective's ratio to
     the full-length run's, its distribution, and the ratio of the CPU times.
@@ -175,7 +178,6 @@ def quality(per_layer: int = 32, threads: int | None = None,
 
     if threads:
         torch.set_num_threads(threads)
-    from sitegen.passes.featurevis import precision
 
     cfg = FeatureVisConfig()
     size = (32, 32)
@@ -183,9 +185,13 @@ def quality(per_layer: int = 32, threads: int | None = None,
     common = dict(jitter=jitter, size=size, mean=CIFAR_MEAN, std=CIFAR_STD, decorrelate=cfg.decorrelate,
                   colour=tuple(map(tuple, IMAGENET_COLOUR.tolist())), seed=cfg.seed)
     full = Ascent(steps=full_steps, lr=FULL_LENGTH["lr"], **common)
-    default = Ascent(steps=cfg.steps, lr=cfg.lr, lr_end=cfg.lr_end, precision=precision(cfg.precision, torch.device("cpu")),
-                     stop_window=cfg.stop_window if cfg.stop_gain > 0 else 0, stop_gain=cfg.stop_gain, **common)
     model = load_model(MODEL, ARCH, False).model
+    # The pass's ascent (FeatureVisPass.ascent) against the recipe it replaces, which ran its steps
+    # exactly (real BatchNorm, NCHW, float32).
+    default = Ascent(steps=steps or cfg.steps, lr=cfg.lr, lr_end=cfg.lr_end,
+                     precision=precision(cfg.precision, torch.device("cpu")),
+                     fast_steps=True, channels_last=channels_last_works(model, size, torch.device("cpu")),
+                     stop_window=cfg.stop_window if cfg.stop_gain > 0 else 0, stop_gain=cfg.stop_gain, **common)
     found = {l.name: l for l in discover(model, (3, *size))}
     rows = []
     times = {"full": 0.0, "default": 0.0}
@@ -217,7 +223,8 @@ def quality(per_layer: int = 32, threads: int | None = None,
     return {
         "settings": {"full_length": {"steps": full.steps, "lr": full.lr, "precision": full.precision},
                      "default": {"steps": default.steps, "lr": default.lr, "lr_end": default.lr_end,
-                                 "precision": default.precision, "stop_window": default.stop_window,
+                                 "precision": default.precision, "fast_steps": default.fast_steps,
+                                 "channels_last": default.channels_last, "stop_window": default.stop_window,
                                  "stop_gain": default.stop_gain},
                      "per_layer": per_layer, "layers": list(layers), "threads": torch.get_num_threads()},
         "units": len(rows), "with_ratio": len(excited),
@@ -249,7 +256,7 @@ def main() -> None:
     if not MODEL.is_file():
         sys.exit(f"the bench needs {MODEL}")
     if args.quality:
-        results = quality(args.per_layer, args.threads)
+        results = quality(args.per_layer, args.threads, steps=args.steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
         print(json.dumps({k: results[k] for k in ("ratio", "mean_steps", "time_ratio_default_over_full", "goals")},
