@@ -14,6 +14,8 @@ import pytest
 import torch
 import torchvision
 
+from hardening_corpus import run_cli
+
 from sitegen.build import build, load_config
 from sitegen.fields import ProbeMode, probe_model, trace
 from sitegen.hooks import model_guard
@@ -278,20 +280,6 @@ def test_densenet_fields_equal_the_former_probe(capsys):
 # ------------------------------------------------------------------ the `sitegen layers` command
 
 
-def run_layers(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``sitegen layers ...`` in this process: exit code, stdout (not a terminal: tab-separated rows)
-    and stderr."""
-    from sitegen.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("name", arch_params(always={"squeezenet1_1"}))
 def test_layers_command_lists_what_discover_finds(name, tmp_path, capsys):
     """`sitegen layers` on a saved random-weights checkpoint, as a user runs it for a torchvision
@@ -301,7 +289,7 @@ def test_layers_command_lists_what_discover_finds(name, tmp_path, capsys):
     model = make(name)
     ckpt = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), ckpt)
-    code, out, err = run_layers(["layers", str(ckpt), "--arch", f"torchvision:{name}", "--size", str(side)], capsys)
+    code, out, err = run_cli(["layers", str(ckpt), "--arch", f"torchvision:{name}", "--size", str(side)], capsys)
     assert code == 0, err
     assert "Traceback" not in err
     found = discover(model, (3, side, side))
