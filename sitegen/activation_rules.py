@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .fastops import fast_call
 from .hooks import capture_outputs, model_guard
 
 _nn = torch._C._nn
@@ -359,7 +360,9 @@ class RuleMode(TorchFunctionMode):
     A torch-function mode sees F.relu, torch.relu, Tensor.relu and their in-place forms alike, which
     module hooks cannot (a model calling F.relu has no ReLU module to hook).  Calls made while a
     handler runs are not seen again, so F.relu6 is one call, not also a hardtanh.  ``unhandled``
-    collects the kinds met on the input's path that have no rule.
+    collects the kinds met on the input's path that have no rule.  Every other call goes through
+    :func:`sitegen.fastops.fast_call` (eval-mode BatchNorm as its affine map, gradients of
+    channels-last maps kept channels-last: equal up to rounding, cheaper).
     """
 
     def __init__(self, state: RuleState):
@@ -371,7 +374,7 @@ class RuleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         call = classify(func, args, kwargs)
         if call is None or not call.on_path:
-            return func(*args, **kwargs)
+            return fast_call(func, args, kwargs)  # eval BatchNorm as its affine map, layouts kept
         if call.kind == "relu":
             return _RectifiedReLU.apply(call.x, self.state, call.inplace)
         if call.kind == GATE:

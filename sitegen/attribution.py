@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .fastops import FastOps
 from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
 from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until
@@ -182,11 +183,12 @@ def _attribute(
     if not units:
         return {m: inputs.new_zeros((0, *inputs.shape[1:])) for m in methods}, set()
     rounds = _rounds(rows, len(units))
-    # Only the plain gradient: no mode at all, so autograd's own backward runs untouched.
+    # Only the plain gradient: no rules, so autograd's own backward runs (through the same cheaper
+    # ops as under the rules, sitegen.fastops: the same function up to rounding).
     state = None if all(m == "gradient" for m in methods) else RuleState(methods[0])
     with model_guard(model):
         x = inputs.detach().clone().requires_grad_(True)
-        mode = RuleMode(state) if state else contextlib.nullcontext()
+        mode = RuleMode(state) if state else FastOps()
         with capture_outputs(model, [layer], stop_after_last=True) as store, mode:
             # A non-leaf copy, so a model that edits its input in place (x.sub_(mean)) still works.
             run_until(model, x.clone())

@@ -110,6 +110,8 @@ class BuildContext:
     """A folder the running pass may use for checkpoints (beside its cache entry); None = no cache."""
     _channels_last: bool | None = field(default=None, repr=False)
     """Cached answer of :attr:`channels_last`."""
+    _backward_layout: dict = field(default_factory=dict, repr=False)
+    """Cached answers of :meth:`backward_channels_last`, by image size."""
 
     @property
     def channels(self) -> int:
@@ -170,6 +172,29 @@ class BuildContext:
         convolutions take NHWC, and only if the model accepts it.  On the CPU, NCHW keeps the
         per-channel reductions of the dataset pass fast (~50x slower on NHWC maps there)."""
         return bool(self._channels_last)
+
+    def backward_channels_last(self, size: tuple[int, int] | None = None) -> bool:
+        """Whether the passes that run a backward (attribution, sanity checks, feature vis) give the
+        model NHWC inputs of ``size`` (default: the input size): on a GPU where batches are NHWC,
+        and on the CPU wherever the model accepts it, because oneDNN's convolutions run a forward
+        and backward of the shared ResNet-56 10–25 % faster on NHWC (bench/attribution_bench.py);
+        those passes make no per-channel reductions over the maps, which NHWC would slow.
+
+        Call it outside any pass's hooks (the probe runs a forward): the passes ask at the start of
+        ``run`` and ``plan``; the answer is kept."""
+        size = tuple(size or self.input_size)
+        if self.device.type == "cuda":
+            return self.channels_last
+        if size not in self._backward_layout:
+            self._backward_layout[size] = self.device.type == "cpu" and channels_last_works(
+                self.net, size, self.device, self.channels)
+        return self._backward_layout[size]
+
+    def backward_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` in the layout :meth:`backward_channels_last` chooses for their size."""
+        if inputs.dim() == 4 and self.backward_channels_last(tuple(inputs.shape[2:])):
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
 
     def batches(self, indices: Sequence[int] | None = None, batch_size: int = 0) -> Iterator[Batch]:
         """Decoded, normalised batches in index order (failures flagged, never raised)."""

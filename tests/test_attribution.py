@@ -658,3 +658,37 @@ def test_display_normalisation_of_a_batch_equals_one_by_one():
     assert (many[3] == 128).all() and many[4][3, 3, 1] == 1
     grey = normalise_many_for_display(crops[:, :1])
     assert np.array_equal(grey[0], normalise_for_display(crops[0, :1]))
+
+
+def test_channels_last_inputs_and_the_cheaper_ops_give_the_same_attributions(monkeypatch):
+    """The passes feed channels-last inputs on the CPU and run eval BatchNorm as its affine map
+    (sitegen.fastops): every method's attribution is the one of channels-first inputs through
+    torch's own BatchNorm, to float rounding, on the CIFAR ResNet (option-A shortcuts, F.relu)."""
+    import sitegen.fastops as fastops
+
+    torch.manual_seed(0)
+    model = cifar_resnet.resnet20().eval()
+    with torch.no_grad():  # BatchNorm statistics away from the identity, as in a trained model
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(6, 3, 32, 32)
+    units = [(i % 64, 1 + i % 3, 2 + i % 4) for i in range(6)]
+    for layer in ("layer1.1", "layer2.0.conv2", "layer3.2"):
+        n = 16 if layer.startswith("layer1") else 32 if layer.startswith("layer2") else 64
+        us = [(c % n, y, x_) for c, y, x_ in units]
+        fast = {"NHWC": attribute_methods(model, x.contiguous(memory_format=torch.channels_last), layer, us, METHODS),
+                "NCHW": attribute_methods(model, x, layer, us, METHODS)}
+        with monkeypatch.context() as mp:
+            mp.setattr(fastops, "affine_batch_norm", lambda *a: None)
+            mp.setattr(fastops, "_LAYOUT_LOSING", set())
+            native = attribute_methods(model, x, layer, us, METHODS)
+        for m in METHODS:
+            scale = float(native[m].abs().max())
+            assert scale > 0
+            for name, got in fast.items():
+                torch.testing.assert_close(got[m], native[m], rtol=1e-4, atol=1e-5 * scale,
+                                           msg=lambda s, name=name, m=m, layer=layer: f"{layer} {m} {name}: {s}")

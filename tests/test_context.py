@@ -93,3 +93,25 @@ def test_cache_identity_includes_every_layers_field(tmp_path, make_images, tiny_
     first = ctx.layers[0]
     ctx.layers[0] = dataclasses.replace(first, rf=ReceptiveField(first.rf.size + 2, first.rf.stride, first.rf.offset - 1))
     assert ctx.identity() != before and ctx.identity()["layers"] == before["layers"]
+
+
+def test_backward_passes_layout(tmp_path, make_images, tiny_checkpoint, paths, monkeypatch):
+    """The passes that run a backward take NHWC inputs on the CPU where the model accepts them
+    (probed once per image size, then kept); the dataset pass's batches stay NCHW."""
+    import dataclasses
+
+    ctx = _ctx(tmp_path, make_images, tiny_checkpoint, paths)
+    if ctx.device.type != "cpu":
+        pytest.skip("the CPU's choice")
+    x = next(ctx.batches()).inputs
+    assert x.is_contiguous()
+    assert ctx.backward_channels_last()  # the tiny model accepts NHWC
+    assert ctx.backward_inputs(x).is_contiguous(memory_format=torch.channels_last)
+    calls = []
+    monkeypatch.setattr(context_mod, "channels_last_works", lambda *a: calls.append(a) or False)
+    fresh = dataclasses.replace(ctx, _backward_layout={})
+    assert not fresh.backward_channels_last() and fresh.backward_inputs(x).is_contiguous()
+    other = tuple(2 * s for s in ctx.input_size)
+    assert not fresh.backward_channels_last(other)
+    fresh.backward_inputs(x)
+    assert [a[1] for a in calls] == [tuple(ctx.input_size), other]  # one probe per size

@@ -64,8 +64,9 @@ from torch.overrides import TorchFunctionMode
 
 from .. import progress
 from ..activation_rules import classify
+from ..fastops import FastOps
 from ..config import FeatureVisConfig
-from ..context import BuildContext, channels_last_works
+from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
 from ..errors import ModelLoadError, SitegenError
 from ..hooks import capture_outputs, get_module, model_guard, run_until
@@ -301,42 +302,10 @@ class _RedirectMode(TorchFunctionMode):
 # --- cheaper steps ---------------------------------------------------------------------------------
 
 
-class _StepMode(TorchFunctionMode):
-    """Eval-mode BatchNorm as the per-channel affine map it is, ``x · s + t`` with
-    ``s = γ / √(σ² + ε)`` and ``t = β − μ·s``, computed in ``x``'s own precision.
-
-    The same function as ``batch_norm`` (up to rounding), but one fused multiply-add forward and one
-    multiply backward, where ``native_batch_norm`` and its backward took 16 % of a ResNet-56 step
-    on the CPU and, under bfloat16 autocast, cast every map to float32 and back.  Used only for the
-    steps' gradient (a direction); every stored objective is measured with the real BatchNorm."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.batch_norm:
-            bound = _batch_norm_args(args, kwargs)
-            if bound is not None:
-                x, mean, var, weight, bias, eps = bound
-                shape = (1, -1) + (1,) * (x.dim() - 2)
-                scale = torch.rsqrt(var.float() + eps)
-                if weight is not None:
-                    scale = scale * weight.float()
-                shift = -mean.float() * scale
-                if bias is not None:
-                    shift = shift + bias.float()
-                return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-        return func(*args, **kwargs)
-
-
-def _batch_norm_args(args: tuple, kwargs: dict) -> tuple | None:
-    """``(input, running_mean, running_var, weight, bias, eps)`` of an eval-mode ``F.batch_norm``
-    call with running statistics (None for any other call: it runs unchanged)."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    bound = {**defaults, **dict(zip(names, args)), **kwargs}
-    x, mean, var = bound.get("input"), bound.get("running_mean"), bound.get("running_var")
-    if bound["training"] or not all(isinstance(t, torch.Tensor) for t in (x, mean, var)) or x.dim() < 2:
-        return None
-    return x, mean, var, bound["weight"], bound["bias"], float(bound["eps"])
+_StepMode = FastOps
+"""The steps' shortcuts (:mod:`sitegen.fastops`): eval-mode BatchNorm as its affine map in the
+map's own precision, gradients of channels-last maps kept channels-last.  Used only for the steps' gradient (a direction); every stored
+objective is measured with the real BatchNorm."""
 
 
 # --- objectives ------------------------------------------------------------------------------------
@@ -641,13 +610,9 @@ def precision(requested: str, device: torch.device) -> str:
 
 
 def fast_layout(ctx: BuildContext, size: tuple[int, int]) -> bool:
-    """Whether the ascent's images go to the model channels-last: where the build's batches do (a
-    GPU), and on the CPU, where oneDNN's convolutions run a ResNet-56 step 10–25 % faster on NHWC
-    (the dataset pass's per-channel reductions are what keep its batches NCHW there); only for a
-    model that accepts such input at this size."""
-    if ctx.device.type == "cuda":
-        return ctx.channels_last
-    return ctx.device.type == "cpu" and channels_last_works(ctx.net, size, ctx.device, ctx.channels)
+    """Whether the ascent's images go to the model channels-last (see
+    :meth:`BuildContext.backward_channels_last`: a ResNet-56 step runs 10–25 % faster on NHWC)."""
+    return ctx.backward_channels_last(size)
 
 
 def logit_count(model: nn.Module, a: Ascent, device: torch.device) -> tuple[int, str]:

@@ -404,7 +404,7 @@ def attribute_pairs(ctx: BuildContext, model: nn.Module, layer: str, images: np.
     for start in range(0, len(images), batch):
         s = slice(start, start + batch)
         stacked = torch.from_numpy(np.stack([pixels(int(i)) for i in images[s]])).to(ctx.device)
-        inputs = normalise(stacked, ctx.config.data)
+        inputs = ctx.backward_inputs(normalise(stacked, ctx.config.data))
         with warnings.catch_warnings():
             # Rule-less activations: the attribution pass has said so for these very methods and model.
             warnings.simplefilter("ignore", AttributionWarning)
@@ -542,6 +542,7 @@ class SanityPass(AnalysisPass):
         samples = [sample_layer(ctx, topk, li, cfg, attr.meta["sides"][attr.meta["layers"].index(name)])
                    for li, name in enumerate(layers)]
         batch = ctx.batch_size(cfg.batch_size)
+        ctx.backward_channels_last()  # the layout's probe forward runs here, before any hooks
         if ctx.dist.active:  # the same batches on every rank, as the attribution pass
             batch = int(all_reduce(torch.tensor([batch]), op=torch.distributed.ReduceOp.MIN).item())
         proofs = {name: {m: image_independent(ctx.net, name, m, (ctx.channels, *ctx.input_size)) for m in methods}

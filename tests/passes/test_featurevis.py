@@ -13,6 +13,7 @@ from sitegen.build import prepare
 from sitegen.config import from_dict
 from sitegen.errors import ConfigError
 from sitegen.hooks import capture_outputs, model_guard, run_until
+from sitegen import fastops
 from sitegen.passes import featurevis as fv
 from sitegen.passes.featurevis import Ascent, FeatureVisPass, colour_sqrt, visualise_channels, visualise_classes
 
@@ -455,41 +456,6 @@ def test_bf16_steps_still_reach_the_objective():
     assert np.all(low.objective >= 0.9 * exact.objective), (low.objective, exact.objective)
 
 
-@pytest.mark.parametrize("affine", [True, False])
-def test_step_mode_batch_norm_is_the_eval_affine_map(affine):
-    """In the steps, eval-mode BatchNorm is x·s + t: the same function as torch's (forward and
-    backward, to float rounding); a training-mode call and anything else run unchanged."""
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(5, affine=affine).eval()
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.2, 3)
-        if affine:
-            bn.weight.uniform_(-2, 2)
-            bn.bias.uniform_(-1, 1)
-    x = torch.randn(3, 5, 4, 6, requires_grad=True)
-    g = torch.randn(3, 5, 4, 6)
-    want = bn(x)
-    (want_grad,) = torch.autograd.grad(want, x, g)
-    with fv._StepMode():
-        got = bn(x)
-        (got_grad,) = torch.autograd.grad(got, x, g)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
-    # By hand for one element: (x − μ)/√(σ² + ε)·γ + β.
-    c = 2
-    gamma, beta = (bn.weight[c], bn.bias[c]) if affine else (1.0, 0.0)
-    hand = (x[1, c, 2, 3] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps) * gamma + beta
-    torch.testing.assert_close(got[1, c, 2, 3], hand.detach(), rtol=1e-5, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16), fv._StepMode():  # stays in the map's precision
-        assert bn(x.bfloat16()).dtype == torch.bfloat16
-    train = nn.BatchNorm2d(5).train()
-    with fv._StepMode():
-        out = train(x)
-    assert train.num_batches_tracked.item() == 1  # the real training-mode call ran
-    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(5), atol=1e-5, rtol=0)
-
-
 def test_fast_steps_reach_the_objective_of_the_exact_steps(monkeypatch):
     """The shortcuts change only rounding in the steps: the stored objective (measured with the
     real BatchNorm on the stored image) stays at that of exact steps."""
@@ -511,8 +477,8 @@ def test_fast_steps_reach_the_objective_of_the_exact_steps(monkeypatch):
     a = ascent(steps=24, lr=0.2, lr_end=0.01)
     exact = visualise_channels(model, "bn2", list(range(8)), a)
     calls = []
-    real = fv._batch_norm_args
-    monkeypatch.setattr(fv, "_batch_norm_args", lambda *args: calls.append(1) or real(*args))
+    real = fastops.batch_norm_args
+    monkeypatch.setattr(fastops, "batch_norm_args", lambda *args: calls.append(1) or real(*args))
     fast = visualise_channels(model, "bn2", list(range(8)), dataclasses.replace(a, fast_steps=True, channels_last=True))
     with model_guard(model), torch.no_grad(), capture_outputs(model, ["bn2"]) as store:
         x = torch.from_numpy(fast.images).float().div(255).permute(0, 3, 1, 2)

@@ -1,0 +1,110 @@
+"""sitegen.fastops: the cheaper forward and backward equal the model's own, to rounding."""
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cifar_resnet import resnet20
+from sitegen.fastops import FastOps
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batch_norm_is_its_affine_map(affine):
+    """Under FastOps, eval-mode BatchNorm is x·s + t: the same function as torch's (forward and
+    backward, to float rounding); a training-mode call and anything else run unchanged."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5, affine=affine).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        if affine:
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    x = torch.randn(3, 5, 4, 6, requires_grad=True)
+    g = torch.randn(3, 5, 4, 6)
+    want = bn(x)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    with FastOps():
+        got = bn(x)
+        (got_grad,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    # By hand for one element: (x − μ)/√(σ² + ε)·γ + β.
+    c = 2
+    gamma, beta = (bn.weight[c], bn.bias[c]) if affine else (1.0, 0.0)
+    hand = (x[1, c, 2, 3] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps) * gamma + beta
+    torch.testing.assert_close(got[1, c, 2, 3], hand.detach(), rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), FastOps():  # stays in the map's precision
+        assert bn(x.bfloat16()).dtype == torch.bfloat16
+    train = nn.BatchNorm2d(5).train()
+    with FastOps():
+        out = train(x)
+    assert train.num_batches_tracked.item() == 1  # the real training-mode call ran
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    """'NHWC' / 'NCHW' for a 4-D map whose layout is one of them and not both; None otherwise."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] == 1 or t.shape[2] * t.shape[3] == 1:
+        return None
+    cl, cf = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    return "NHWC" if cl and not cf else "NCHW" if cf and not cl else "other"
+
+
+class _MixedLayouts(TorchDispatchMode):
+    """Counts the backward's elementwise ops (ReLU backward, gradient sums, products) whose map
+    arguments mix layouts: torch's slow path (2.8 ms against 0.14 ms for one ReLU backward)."""
+
+    OPS = ("threshold_backward", "add.Tensor", "mul.Tensor", "mul_.Tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.mixed = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(name.endswith(op) for op in self.OPS):
+            kinds = {k for k in map(_layout, args) if k}
+            if len(kinds) > 1:
+                self.mixed[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradients_stay_channels_last_and_equal_autograds():
+    """The CIFAR ResNet's shortcut (``x[:, :, ::2, ::2]``) and a mean over the map hand back
+    channels-first gradients: without FastOps the backward then mixes layouts; with it none
+    does, and the input gradient is autograd's own to rounding."""
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def grad(fast: bool):
+        xx = x.clone().requires_grad_(True)
+        spy = _MixedLayouts()
+        with FastOps() if fast else contextlib.nullcontext():
+            h = model.layer3(model.layer2(model.layer1(torch.relu(model.bn1(model.conv1(xx))))))
+            objective = h.mean(dim=(2, 3))[:, 5].sum()
+        with spy:
+            (g,) = torch.autograd.grad(objective, xx)
+        return g, spy.mixed
+
+    plain, mixed_plain = grad(False)
+    fast, mixed_fast = grad(True)
+    assert sum(mixed_plain.values()) > 0, mixed_plain  # the case the shortcut exists for
+    assert not mixed_fast, mixed_fast
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+
+
+def test_channels_first_maps_are_left_alone():
+    """A channels-first map's gradient is not copied into another layout."""
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    with FastOps():
+        y = x[:, :, ::2, ::2].sum()
+    (g,) = torch.autograd.grad(y, x)
+    assert g.is_contiguous()
+    assert g[0, 0, 0, 0] == 1 and g[0, 0, 0, 1] == 0
