@@ -108,3 +108,41 @@ def test_channels_first_maps_are_left_alone():
     (g,) = torch.autograd.grad(y, x)
     assert g.is_contiguous()
     assert g[0, 0, 0, 0] == 1 and g[0, 0, 0, 1] == 0
+
+
+def test_derived_values_are_made_once_and_never_stale():
+    """One FastOps entered for many steps derives BatchNorm's scale and shift and autocast's
+    weight casts once; a tensor changed in place is derived again; results equal fresh ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6)
+    fast = FastOps()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast:
+            first = model(x)
+        n = len(fast.derived._values)
+        with fast:
+            again = model(x)
+        assert len(fast.derived._values) == n == 3  # BatchNorm's pair, the conv's weight and bias
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        with torch.no_grad():
+            model[1].running_mean.add_(1.0)  # in place: a new version
+        with fast:
+            moved = model(x)
+        with FastOps():
+            fresh = model(x)
+    torch.testing.assert_close(moved, fresh, rtol=0, atol=0)
+    assert not torch.equal(moved, first)
+
+
+def test_nothing_is_cached_from_tensors_that_require_grad():
+    bn = nn.BatchNorm2d(3).eval()  # weight and bias require grad
+    x = torch.randn(2, 3, 4, 4)
+    fast = FastOps()
+    for _ in range(2):
+        with fast:
+            bn(x).sum().backward()
+    assert not fast.derived._values
+    assert bn.weight.grad is not None and torch.isfinite(bn.weight.grad).all()

@@ -279,8 +279,8 @@ class _RedirectedReLU(torch.autograd.Function):
         relu_grad = torch.ops.aten.threshold_backward(grad, x, 0)  # grad where x > 0, else 0
         if grad.dim() < 2:  # any() of a float tensor: is some element non-zero
             blocked = ~relu_grad.any()
-        else:
-            blocked = ~relu_grad.flatten(1).any(1).view(-1, *[1] * (grad.dim() - 1))
+        else:  # over the sample's own dims, in place (flatten would copy a channels-last map)
+            blocked = ~relu_grad.any(dim=tuple(range(1, grad.dim())), keepdim=True)
         if not bool(blocked.any()):  # every sample has an ordinary gradient: nothing to redirect
             return relu_grad, None
         redirected = torch.where((x < 0) & (grad < 0), torch.zeros_like(grad), grad)
@@ -396,6 +396,8 @@ def ascend(objective: Objective, init: torch.Tensor, a: Ascent, key: str, record
     taken = np.full(n, a.steps, dtype=np.int16)
     values = torch.full((a.steps, n), float("nan"))
     check_from = redirect_until + 2 * a.stop_window
+    # One mode for every step: what it derives from the frozen weights is made once.
+    fast = _StepMode() if a.fast_steps else contextlib.nullcontext()
     for step in range(a.steps):
         if not len(active):
             break
@@ -405,7 +407,7 @@ def ascend(objective: Objective, init: torch.Tensor, a: Ascent, key: str, record
         if a.fast_steps and a.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with (_RedirectMode() if step < redirect_until else contextlib.nullcontext()), \
-                (_StepMode() if a.fast_steps else contextlib.nullcontext()), \
+                fast, \
                 torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             value = objective(x, None if everyone else active).float()
             (grad,) = torch.autograd.grad(value.sum(), leaf)
