@@ -2,8 +2,11 @@
 write figures to bench/results.json.
 
 Timings are reported as ratios to a bare forward pass over the same images with the same batch size
-and input pipeline, measured in the same process right before (these machines are noisy: only
-side-by-side ratios mean much).  Every build runs in its own child process, so each peak RSS is
+and input pipeline, measured in the same process right before and right after the build, the mean
+of the two being the reference (these machines are noisy: only side-by-side ratios mean much).  The
+build's time (``total``) is its preparation, passes and render, without those reference forwards.
+The atlas section also times a channels-last bare forward (the layout the attribution, sanity and
+feature-vis passes feed the model on the CPU), for the ratios against that layout.  Every build runs in its own child process, so each peak RSS is
 that build's own:
 
 - ``dataset_pass``: the dataset (top-k) pass and the render, with 1,000 and with 10,000 images,
@@ -64,7 +67,10 @@ def image_folder(n: int, root: Path) -> Path:
     return folder
 
 
-def bare_forward(ctx) -> float:
+def bare_forward(ctx, channels_last: bool = False) -> float:
+    """Decode, normalise and run the whole model on every image, in inference mode, as the build's
+    batches come (channels-first on the CPU); with ``channels_last``, each batch converted to NHWC,
+    the layout the attribution and feature-vis passes feed the model on the CPU."""
     import torch
 
     from sitegen.hooks import model_guard
@@ -72,7 +78,8 @@ def bare_forward(ctx) -> float:
     t = time.perf_counter()
     with model_guard(ctx.net), torch.inference_mode():
         for batch in ctx.batches():
-            ctx.net(batch.inputs)
+            x = batch.inputs.contiguous(memory_format=torch.channels_last) if channels_last else batch.inputs
+            ctx.net(x)
     return time.perf_counter() - t
 
 
@@ -109,7 +116,9 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
     t0 = time.perf_counter()
     ctx = prepare(model, images, cfg, work / "layer-cache")
     prepare_s = time.perf_counter() - t0
-    bare_s = bare_forward(ctx)
+    # The reference is measured before and after the build (the machine's speed drifts) and is not
+    # part of the build's own time.
+    bare_before = bare_forward(ctx)
     report = BuildReport(index=work / "site" / "index.html")
     t = time.perf_counter()
     results = run_passes(ctx, Cache(None), report)  # no cache: every pass computes
@@ -122,9 +131,12 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
                                                workers=cfg.site.render_workers))
     publish(staged, out)
     render_s = time.perf_counter() - t
-    total_s = time.perf_counter() - t0
-    extra = {}
+    total_s = prepare_s + passes_s + render_s
+    bare_after = bare_forward(ctx)
+    bare_s = (bare_before + bare_after) / 2
+    extra = {"bare_forward_runs": [bare_before, bare_after]}
     if not topk_only and compare is None:  # the whole atlas of one model
+        extra["bare_forward_channels_last"] = bare_forward(ctx, channels_last=True)
         extra["render_by_workers"] = render_scaling(ctx, results, cfg, work, render_s)
         if "attribution" in results:
             sys.path.insert(0, str(REPO / "bench"))
@@ -393,6 +405,12 @@ def main() -> None:
             fv = s.get("pass:featurevis")
             summary.update({
                 "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
+                "bare_forward_runs_s": atlas.get("bare_forward_runs"),
+                "atlas_build_over_bare_forward_channels_last":
+                    s["total"] / atlas["bare_forward_channels_last"] if atlas.get("bare_forward_channels_last") else None,
+                "attribution_pass_over_bare_forward_channels_last":
+                    s.get("pass:attribution", float("nan")) / atlas["bare_forward_channels_last"]
+                    if atlas.get("bare_forward_channels_last") else None,
                 "passes_over_bare_forward": atlas["ratio_to_bare_forward"],
                 "attribution_pass_over_bare_forward": s.get("pass:attribution", float("nan")) / s["bare_forward"],
                 "sanity_over_attribution_in_atlas": s.get("pass:sanity", float("nan")) / s.get("pass:attribution", float("nan")),
