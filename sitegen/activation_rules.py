@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .fastops import fast_call
+from .fastops import Derived, fast_call
 from .hooks import capture_outputs, model_guard
 
 _nn = torch._C._nn
@@ -365,16 +365,25 @@ class RuleMode(TorchFunctionMode):
     channels-last maps kept channels-last: equal up to rounding, cheaper).
     """
 
-    def __init__(self, state: RuleState):
+    def __init__(self, state: RuleState, folds: dict | None = None, derived: Derived | None = None):
         super().__init__()
         self.state = state
         self.unhandled: set[str] = set()
+        self.folds = folds or {}
+        """Convolutions that run with their BatchNorm folded in (:func:`sitegen.fastops.find_folds`)."""
+        self._derived = derived if derived is not None else Derived()
+        self._pending: dict[int, tuple] = {}
+
+    def __exit__(self, *exc):
+        self._pending.clear()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = classify(func, args, kwargs)
         if call is None or not call.on_path:
-            return fast_call(func, args, kwargs)  # eval BatchNorm as its affine map, layouts kept
+            # eval BatchNorm as its affine map (or folded into its convolution), layouts kept
+            return fast_call(func, args, kwargs, self._derived, self.folds, self._pending)
         if call.kind == "relu":
             return _RectifiedReLU.apply(call.x, self.state, call.inplace)
         if call.kind == GATE:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .fastops import FastOps
+from .fastops import FastOps, cached_folds, model_derived
 from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
 from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until
@@ -188,7 +188,11 @@ def _attribute(
     state = None if all(m == "gradient" for m in methods) else RuleState(methods[0])
     with model_guard(model):
         x = inputs.detach().clone().requires_grad_(True)
-        mode = RuleMode(state) if state else FastOps()
+        # Convolutions whose output only their BatchNorm reads run with it folded in (found on one
+        # image's forward, before the capture's own hook; kept per model while its tensors stay).
+        folds = cached_folds(model, x[:1].detach(), [layer], stop=True)
+        derived = model_derived(model)
+        mode = RuleMode(state, folds, derived) if state else FastOps(derived, folds)
         with capture_outputs(model, [layer], stop_after_last=True) as store, mode:
             # A non-leaf copy, so a model that edits its input in place (x.sub_(mean)) still works.
             run_until(model, x.clone())

@@ -147,7 +147,7 @@ class SanityConfig:
 class FeatureVisConfig:
     enabled: bool = True
     """Optimise an image for every channel of the selected layers (and every class)."""
-    steps: int = 48
+    steps: int = 50
     """Gradient-ascent steps per image (at most, when ``stop_gain`` is set)."""
     lr: float = 0.2
     """Step size of the first step: each step moves the image parameters by this much in RMS

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_resnet import resnet20
-from sitegen.fastops import FastOps
+from sitegen.fastops import FastOps, find_folds
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -146,3 +146,87 @@ def test_nothing_is_cached_from_tensors_that_require_grad():
             bn(x).sum().backward()
     assert not fast.derived._values
     assert bn.weight.grad is not None and torch.isfinite(bn.weight.grad).all()
+
+
+# --- BatchNorm folded into the convolution before it ----------------------------------------------
+
+
+def _randomised_bn(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def test_folds_found_on_torchvision_resnet():
+    import torchvision
+
+    model = _randomised_bn(torchvision.models.resnet18(num_classes=10))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    x = torch.zeros(1, 3, 32, 32)
+    folds = find_folds(model, x)
+    assert len(folds) == len(convs) == 20  # every convolution feeds only its BatchNorm
+    read = find_folds(model, x, ["layer2.0.conv1"], stop=True)
+    names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    folded = {names[k] for k in read}
+    assert "layer2.0.conv1" not in folded  # its output is captured: left as it is
+    assert "layer1.1.conv2" in folded and "layer2.0.conv2" not in folded  # nothing after the stop ran
+
+
+class _Reused(nn.Module):
+    """conv1's output is read twice (its BatchNorm and the sum); conv2 is called twice with two
+    BatchNorms; only conv3 may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2a, self.bn2b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = torch.relu(self.bn1(y) + y)
+        y = self.bn2b(self.conv2(torch.relu(self.bn2a(self.conv2(y)))))
+        return self.bn3(self.conv3(y))
+
+
+def test_folds_only_where_nothing_else_reads_the_output():
+    model = _randomised_bn(_Reused())
+    x = torch.randn(2, 3, 6, 6)
+    assert set(find_folds(model, x)) == {id(model.conv3.weight)}
+    handle = model.bn3.register_forward_hook(lambda *a: None)  # a hook of the user's might read anything
+    try:
+        assert find_folds(model, x) == {}
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "torchvision:resnet18", "reused"])
+def test_folded_forward_and_backward_equal_the_models_own(arch):
+    import torchvision
+
+    if arch == "resnet20":
+        model = _randomised_bn(resnet20())
+    elif arch == "reused":
+        model = _randomised_bn(_Reused())
+    else:
+        model = _randomised_bn(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(3, 3, 32, 32)
+    folds = find_folds(model, x[:1])
+    assert folds
+    outs = {}
+    for fast in (False, True):
+        xx = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with FastOps(folds=folds) if fast else contextlib.nullcontext():
+            y = model(xx)
+            (g,) = torch.autograd.grad(y[:, 1].sum(), xx)
+        outs[fast] = (y.detach(), g)
+    for got, want in zip(outs[True], outs[False]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -223,7 +223,7 @@ def share_units(ctx: BuildContext, plan: LayerPlan, translated: bool) -> np.ndar
 
 class AttributionPass(AnalysisPass):
     name = "attribution"
-    version = 3
+    version = 4  # BatchNorm as its affine map or folded, channels-last inputs
     distributed = True
     config: AttributionConfig
 

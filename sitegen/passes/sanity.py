@@ -437,7 +437,7 @@ ARRAYS = ("own", "cascade", "edge", "images", "ssim_own", "ssim_cascade", "ssim_
 
 class SanityPass(AnalysisPass):
     name = "sanity"
-    version = 2
+    version = 3  # as the attribution pass: BatchNorm folded, channels-last inputs
     distributed = True
     config: SanityConfig
 
