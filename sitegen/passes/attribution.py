@@ -28,11 +28,12 @@ channel and position at the border (:class:`Sharing`), several rounds of them on
 images; on the shared ResNet-56 this took the pass from 6.87 to 6.48 times the bare forward's
 multiply-accumulates (``bench/attribution_bench.py``'s ``mac_floor``).
 
-Every forward and backward runs eval-mode BatchNorm as its affine map and, on the CPU where the
-model accepts it, channels-last (:meth:`BuildContext.backward_channels_last`,
-:mod:`sitegen.fastops`): the same pictures to float rounding, 14.2 s instead of 20.1 s for 8 layers
-of the shared ResNet-56 over 1,000 images (``native_batch_norm``'s backward is slow on channels-last
-maps, and mixed layouts slower still, so the two go together).
+Every forward and backward folds eval-mode BatchNorm into the convolution before it where nothing
+else reads that output (else runs it as its affine map) and, on the CPU where the model accepts it,
+runs channels-last (:meth:`BuildContext.backward_channels_last`, :mod:`sitegen.fastops`): the same
+pictures to float rounding, 13.7–14.7 s against 19.2–21.2 s before for 8 layers of the shared
+ResNet-56 over 1,000 images (``native_batch_norm``'s backward is slow on channels-last maps, and
+mixed layouts slower still, so these go together).
 
 Storage
 -------
