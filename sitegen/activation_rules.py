@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .fastops import Derived, fast_call
-from .hooks import capture_outputs, model_guard
+from .hooks import capture_outputs, model_guard, tensors_in
 
 _nn = torch._C._nn
 Tensor = torch.Tensor
@@ -491,17 +491,6 @@ class _RecordMode(TorchFunctionMode):
         return text + ("" if _spatial(call.x.shape) else " on pooled vectors")
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
 def _walk(roots: Iterable[Any]) -> Iterable[Any]:
     """Every autograd node reachable backward from ``roots`` (iterative: graphs can be deep)."""
     seen: set[int] = set()
@@ -562,7 +551,7 @@ def find_activations(model: nn.Module, example: torch.Tensor | tuple[int, ...],
         finally:
             for h in handles:
                 h.remove()
-        roots = [t.grad_fn for t in _tensors(result)] + [o.grad_fn for o in outputs.values()]
+        roots = [t.grad_fn for t in tensors_in(result)] + [o.grad_fn for o in outputs.values()]
         kinds = _kinds(mode, _walk(roots))
         affected = {}
         if any(not k.ruled for k in kinds):

@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from .fastops import FastOps, cached_folds, model_derived
 from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
-from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until
+from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until, tensors_in
 
 METHODS = ("guided", "deconvnet", "gradient")
 
@@ -440,17 +440,6 @@ def _op_name(func: Any) -> str:
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
 def _input_derived(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
@@ -478,7 +467,7 @@ class _OpAudit(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _check(self, func: Any, args: tuple, kwargs: dict) -> None:
-        operands = [t for t in _tensors((args, kwargs)) if _input_derived(t)]
+        operands = [t for t in tensors_in((args, kwargs)) if _input_derived(t)]
         if not operands or self.blocker is not None:
             return  # parameters, buffers and constants: the same for every image
         call = classify(func, args, kwargs)

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .hooks import StopForward, get_module, run_until
+from .hooks import StopForward, get_module, run_until, tensors_in
 
 
 def batch_norm_args(args: tuple, kwargs: dict) -> tuple | None:
@@ -74,6 +74,18 @@ class Derived:
         return value
 
 
+def _scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval BatchNorm's ``s = γ / √(σ² + ε)`` and ``t = β − μ·s``, in float32."""
+    scale = torch.rsqrt(var.float() + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean.float() * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    return scale, shift
+
+
 def affine_batch_norm(func, args: tuple, kwargs: dict, derived: Derived | None = None) -> torch.Tensor | None:
     """The affine map of an eval-mode ``F.batch_norm`` call; None when ``func`` is something else or
     the call is not one (the caller then runs it unchanged)."""
@@ -86,12 +98,7 @@ def affine_batch_norm(func, args: tuple, kwargs: dict, derived: Derived | None =
     shape = (1, -1) + (1,) * (x.dim() - 2)
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.rsqrt(var.float() + eps)
-        if weight is not None:
-            scale = scale * weight.float()
-        shift = -mean.float() * scale
-        if bias is not None:
-            shift = shift + bias.float()
+        scale, shift = _scale_shift(mean, var, weight, bias, eps)
         return shift.to(x.dtype).view(shape), scale.to(x.dtype).view(shape)
 
     tensors = (mean, var, weight, bias)
@@ -159,17 +166,6 @@ def _reads_values(func) -> bool:
     return name not in _METADATA
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
 @dataclass(frozen=True)
 class Fold:
     """A convolution whose output nothing reads but the eval-mode BatchNorm after it."""
@@ -198,7 +194,7 @@ class _FoldProbe(TorchFunctionMode):
         if _reads_values(func):
             bound = batch_norm_args(args, kwargs) if func is torch.nn.functional.batch_norm else None
             first = args[0] if args else None
-            for t in _tensors((args, kwargs)):
+            for t in tensors_in((args, kwargs)):
                 self.read(t, bound[1:] if bound is not None and t is first else None)
         out = func(*args, **kwargs)
         if func in _CONVS and isinstance(out, torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor):
@@ -257,7 +253,7 @@ def find_folds(model: torch.nn.Module, example: torch.Tensor, read: Sequence[str
 
     def reader(name: str):
         def hook(_module, _inputs, output):
-            for t in _tensors(output):
+            for t in tensors_in(output):
                 probe.read(t)
             seen.add(name)
             if stop and seen.issuperset(read):
@@ -292,13 +288,7 @@ def find_folds(model: torch.nn.Module, example: torch.Tensor, read: Sequence[str
 
 def _folded_params(f: Fold, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv(x, W)·s + t`` is ``conv(x, W·s)`` with bias ``b·s + t``: the folded weight and bias."""
-    mean, var, gamma, beta, eps = f.bn
-    scale = torch.rsqrt(var.float() + eps)
-    if gamma is not None:
-        scale = scale * gamma.float()
-    shift = -mean.float() * scale
-    if beta is not None:
-        shift = shift + beta.float()
+    scale, shift = _scale_shift(*f.bn)
     if bias is not None:
         shift = shift + bias.float() * scale
     w = f.weight.float() * scale.view(-1, *[1] * (f.weight.dim() - 1))

@@ -94,6 +94,19 @@ def capture_outputs(
             h.remove()
 
 
+def tensors_in(value: object) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value``: itself, or inside (nested) lists, tuples and dict values, such
+    as a call's ``(args, kwargs)`` or a module's outputs."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors_in(v)
+
+
 def run_until(model: nn.Module, x: torch.Tensor) -> None:
     """Call the model, treating an early :class:`StopForward` as success."""
     try:

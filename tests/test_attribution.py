@@ -666,15 +666,9 @@ def test_channels_last_inputs_and_the_cheaper_ops_give_the_same_attributions(mon
     torch's own BatchNorm, to float rounding, on the CIFAR ResNet (option-A shortcuts, F.relu)."""
     import sitegen.fastops as fastops
 
-    torch.manual_seed(0)
-    model = cifar_resnet.resnet20().eval()
-    with torch.no_grad():  # BatchNorm statistics away from the identity, as in a trained model
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    from tiny_models import randomise_batch_norm
+
+    model = randomise_batch_norm(cifar_resnet.resnet20())
     x = torch.randn(6, 3, 32, 32)
     units = [(i % 64, 1 + i % 3, 2 + i % 4) for i in range(6)]
     for layer in ("layer1.1", "layer2.0.conv2", "layer3.2"):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_resnet import resnet20
+from tiny_models import randomise_batch_norm
 from sitegen.fastops import FastOps, find_folds
 
 
@@ -151,24 +152,10 @@ def test_nothing_is_cached_from_tensors_that_require_grad():
 # --- BatchNorm folded into the convolution before it ----------------------------------------------
 
 
-def _randomised_bn(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def test_folds_found_on_torchvision_resnet():
     import torchvision
 
-    model = _randomised_bn(torchvision.models.resnet18(num_classes=10))
+    model = randomise_batch_norm(torchvision.models.resnet18(num_classes=10))
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     x = torch.zeros(1, 3, 32, 32)
     folds = find_folds(model, x)
@@ -198,7 +185,7 @@ class _Reused(nn.Module):
 
 
 def test_folds_only_where_nothing_else_reads_the_output():
-    model = _randomised_bn(_Reused())
+    model = randomise_batch_norm(_Reused())
     x = torch.randn(2, 3, 6, 6)
     assert set(find_folds(model, x)) == {id(model.conv3.weight)}
     handle = model.bn3.register_forward_hook(lambda *a: None)  # a hook of the user's might read anything
@@ -213,11 +200,11 @@ def test_folded_forward_and_backward_equal_the_models_own(arch):
     import torchvision
 
     if arch == "resnet20":
-        model = _randomised_bn(resnet20())
+        model = randomise_batch_norm(resnet20())
     elif arch == "reused":
-        model = _randomised_bn(_Reused())
+        model = randomise_batch_norm(_Reused())
     else:
-        model = _randomised_bn(torchvision.models.resnet18(num_classes=10))
+        model = randomise_batch_norm(torchvision.models.resnet18(num_classes=10))
     x = torch.randn(3, 3, 32, 32)
     folds = find_folds(model, x[:1])
     assert folds

@@ -266,3 +266,20 @@ class LinearCNN(nn.Module):
 def linear_cnn(num_classes: int = 3) -> LinearCNN:
     torch.manual_seed(0)
     return LinearCNN(num_classes)
+
+
+def randomise_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every BatchNorm2d's statistics and affine parameters away from the identity, as in a trained
+    model (fresh ones are the identity map, which would hide a wrong BatchNorm computation); the
+    model in eval mode with its parameters frozen."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
