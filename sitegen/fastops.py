@@ -5,11 +5,11 @@ sanity checks, the feature-vis steps); the dataset pass's stored activations and
 feature-vis objective come from the model's own ops.
 
 Eval-mode BatchNorm as the per-channel affine map it is: ``x · s + t`` with
-``s = γ / √(σ² + ε)`` and ``t = β − μ·s``, computed in ``x``'s own precision.  The same function as ``batch_norm`` up to rounding, but one fused multiply-add forward and one
-multiply backward.  ``native_batch_norm``'s backward took 8–16 % of a ResNet-56 forward-and-backward
-on the CPU (more on channels-last maps, where its kernel is slow), and under bfloat16 autocast it
-casts every map to float32 and back.  Training-mode calls, and calls without running statistics,
-run unchanged.
+``s = γ / √(σ² + ε)`` and ``t = β − μ·s``, computed in ``x``'s own precision.  The same function as
+``batch_norm`` up to rounding, but one fused multiply-add forward and one multiply backward.
+``native_batch_norm``'s backward took 8–16 % of a ResNet-56 forward-and-backward on the CPU (more
+on channels-last maps, where its kernel is slow), and under bfloat16 autocast it casts every map
+to float32 and back.  Training-mode calls, and calls without running statistics, run unchanged.
 
 Better still, where nothing but its eval-mode BatchNorm reads a convolution's output (every
 convolution of a ResNet; proved on one forward of the model by :func:`find_folds`, which watches
