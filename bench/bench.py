@@ -5,9 +5,9 @@ Timings are reported as ratios to a bare forward pass over the same images with 
 and input pipeline, measured in the same process right before and right after the build, the mean
 of the two being the reference (these machines are noisy: only side-by-side ratios mean much).  The
 build's time (``total``) is its preparation, passes and render, without those reference forwards.
-The two usually differ: glibc's allocator maps and unmaps each batch's large tensors
-in a fresh process (page faults on every batch) until large frees raise its mmap threshold, so the
-forward after the build runs faster, as most of the build does (both are reported).  The atlas
+The two usually differ: in a fresh process glibc's allocator hands memory back to the
+OS between batches and faults it in again until its dynamic thresholds have grown, so the forward
+after the build runs faster, as most of the build does (both are reported).  The atlas
 section also times a channels-last bare forward (the layout the attribution, sanity and
 feature-vis passes feed the model on the CPU), for the ratios against that layout.  Every build runs in its own child process, so each peak RSS is
 that build's own:
