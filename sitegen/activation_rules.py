@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .fastops import Derived, fast_call
+from .fastops import Derived, FastOps
 from .hooks import capture_outputs, model_guard, tensors_in
 
 _nn = torch._C._nn
@@ -354,36 +354,28 @@ class _HeldGate(torch.autograd.Function):
         return (grad if ctx.state.method == "gradient" else None), None
 
 
-class RuleMode(TorchFunctionMode):
+class RuleMode(FastOps):
     """Applies the rules of ``state.method`` to every activation and gate of the forward it wraps.
 
     A torch-function mode sees F.relu, torch.relu, Tensor.relu and their in-place forms alike, which
     module hooks cannot (a model calling F.relu has no ReLU module to hook).  Calls made while a
     handler runs are not seen again, so F.relu6 is one call, not also a hardtanh.  ``unhandled``
     collects the kinds met on the input's path that have no rule.  Every other call goes through
-    :func:`sitegen.fastops.fast_call` (eval-mode BatchNorm as its affine map, gradients of
-    channels-last maps kept channels-last: equal up to rounding, cheaper).
+    :class:`sitegen.fastops.FastOps` (eval-mode BatchNorm folded into the convolution of ``folds``
+    or run as its affine map, gradients of channels-last maps kept channels-last: equal up to
+    rounding, cheaper).
     """
 
     def __init__(self, state: RuleState, folds: dict | None = None, derived: Derived | None = None):
-        super().__init__()
+        super().__init__(derived, folds)
         self.state = state
         self.unhandled: set[str] = set()
-        self.folds = folds or {}
-        """Convolutions that run with their BatchNorm folded in (:func:`sitegen.fastops.find_folds`)."""
-        self._derived = derived if derived is not None else Derived()
-        self._pending: dict[int, tuple] = {}
-
-    def __exit__(self, *exc):
-        self._pending.clear()
-        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = classify(func, args, kwargs)
         if call is None or not call.on_path:
-            # eval BatchNorm as its affine map (or folded into its convolution), layouts kept
-            return fast_call(func, args, kwargs, self._derived, self.folds, self._pending)
+            return super().__torch_function__(func, types, args, kwargs)
         if call.kind == "relu":
             return _RectifiedReLU.apply(call.x, self.state, call.inplace)
         if call.kind == GATE:

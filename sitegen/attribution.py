@@ -56,9 +56,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .fastops import FastOps, cached_folds, model_derived
 from .activation_rules import GATE, RuleMode, RuleState, classify
 from .errors import SitegenError
+from .fastops import FastOps, cached_folds, model_derived
 from .hooks import StopForward, capture_outputs, get_module, model_guard, run_until, tensors_in
 
 METHODS = ("guided", "deconvnet", "gradient")

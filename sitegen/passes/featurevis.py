@@ -68,11 +68,11 @@ from torch.overrides import TorchFunctionMode
 
 from .. import progress
 from ..activation_rules import classify
-from ..fastops import FastOps, find_folds
 from ..config import FeatureVisConfig
 from ..context import BuildContext
 from ..distributed import all_reduce, gather_to_main
 from ..errors import ModelLoadError, SitegenError
+from ..fastops import FastOps, find_folds
 from ..hooks import capture_outputs, get_module, model_guard, run_until
 from ..images import as_rgb, default_stats, per_channel
 from ..model_loading import logits
