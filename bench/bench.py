@@ -161,6 +161,8 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
                     "total": total_s, **{k: v for k, v in report.timings.items()}},
         "ratio_to_bare_forward": {k.replace("pass:", ""): v / bare_s for k, v in report.timings.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # The largest of its worker processes (the passes' pools, the render's), each its own peak.
+        "peak_rss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "site": site_stats(out),
     }
 

@@ -18,6 +18,7 @@ from .distributed import current as current_dist
 from .images import ImageList, PixelDataset, channels_of, normalise
 from .layers import LayerInfo
 from .model_loading import LoadedModel
+from .workpool import pool_workers
 
 
 def default_device() -> torch.device:
@@ -151,6 +152,13 @@ class BuildContext:
         cap = 256 if self.device.type == "cuda" else 64 if h * w <= 64 * 64 else CPU_LARGE_BATCH
         budget = available_memory(self.device) * MEMORY_SHARE.get(self.device.type, 0.25)
         return int(max(1, min(cap, budget // max(1, self.bytes_per_image()))))
+
+    def pass_workers(self, batch: int) -> int:
+        """Processes that run the items of the passes with many small forwards and backwards
+        (:mod:`sitegen.workpool`): on the CPU one per torch thread, as many as batches of ``batch``
+        images fit in half the free memory; 1 elsewhere."""
+        fit = int(available_memory(self.device) * 0.5 // max(1, batch * self.bytes_per_image()))
+        return pool_workers(self.device, fit)
 
     def bytes_per_image(self) -> int:
         """Memory one image's pass may hold: every discovered layer's float32 output, three times

@@ -15,6 +15,10 @@ class SitegenError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):
+        # Pickled with its hint (an error raised in a pass's worker process reaches the build whole).
+        return type(self), (self.message, self.hint)
+
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 

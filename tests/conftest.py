@@ -83,3 +83,37 @@ def paths():
     """Locations of the repository's test architectures and the shared files."""
     return {"repo": REPO, "cifar_arch": CIFAR_ARCH, "tiny_arch": TINY_ARCH, "cifar": CIFAR,
             "resnet20": RESNET20, "resnet56": RESNET56}
+
+
+@pytest.fixture
+def inline_items(monkeypatch):
+    """The passes' items run in this process (no worker pool, sitegen.workpool), for tests that
+    count or replace the per-item calls here."""
+    from sitegen.context import BuildContext
+
+    monkeypatch.setattr(BuildContext, "pass_workers", lambda self, batch: 1)
+
+
+@pytest.fixture
+def pooled_and_inline(monkeypatch):
+    """``run(fn)`` -> (fn() with its items on a pool of 2 workers, fn() inline on one torch thread):
+    a pool's results must equal the one-thread run's, byte for byte."""
+    from sitegen import workpool
+    from sitegen.context import BuildContext
+
+    if not workpool.can_fork():
+        pytest.skip("no fork on this platform: the passes run their items inline")
+
+    def run(fn):
+        monkeypatch.setattr(BuildContext, "pass_workers", lambda self, batch: 2)
+        pooled = fn()
+        monkeypatch.setattr(BuildContext, "pass_workers", lambda self, batch: 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            inline = fn()
+        finally:
+            torch.set_num_threads(threads)
+        return pooled, inline
+
+    return run

@@ -77,6 +77,7 @@ from ..errors import SitegenError
 from ..images import load_pixels, normalise
 from ..crops import GREY, PixelCache, display_box, resize_square
 from ..planning import Fit, PassPlan, Probe, count
+from ..workpool import map_items
 from .base import AnalysisPass, ItemStore, Result
 
 PERCENTILE = 99.0
@@ -279,24 +280,43 @@ class AttributionPass(AnalysisPass):
 
         total = sum(len(items[i][0].c[items[i][1]]) * len(item_methods(items[i][0])) for i in mine)
         total += sum(sh.computed for sh in sharing.values()) if ctx.dist.is_main else 0
+        def span(i: int) -> tuple[int, int, int]:  # the same index may name other pairs
+            plan, s = items[i]
+            return plan.index, s.start, s.start + len(plan.c[s])
+
+        def work(i: int) -> dict[str, np.ndarray]:
+            """Item ``i``'s crops (in a pool worker, ``out`` is the worker's own copy)."""
+            plan, s = items[i]
+            todo, o = item_methods(plan), out[plan.index]
+            self._batch(ctx, plan, s, todo, pixels, o)
+            return {m: o[m][plan.c[s], plan.j[s]] for m in todo}
+
+        def keep(i: int, crops: dict[str, np.ndarray]) -> None:
+            plan, s = items[i]
+            for m, crop in crops.items():
+                out[plan.index][m][plan.c[s], plan.j[s]] = crop
+            advance(len(plan.c[s]) * len(crops))
+
         with progress.bar("attribution", total, "units") as advance, warnings.catch_warnings():
             warnings.simplefilter("ignore", AttributionWarning)
+            todo_items = []
             for i in mine:
                 plan, s = items[i]
                 todo = item_methods(plan)
                 if not todo:
                     continue
-                o, cs, js = out[plan.index], plan.c[s], plan.j[s]
-                span = (plan.index, s.start, s.start + len(cs))  # the same index may name other pairs
-                saved = store.load(i, todo, span)
-                want = (len(cs), plan.side, plan.side, 3)
+                saved = store.load(i, todo, span(i))
+                want = (len(plan.c[s]), plan.side, plan.side, 3)
                 if saved is not None and all(saved[m].shape == want and saved[m].dtype == np.uint8 for m in todo):
-                    for m in todo:
-                        o[m][cs, js] = saved[m]
+                    keep(i, {m: saved[m] for m in todo})
                 else:
-                    self._batch(ctx, plan, s, todo, pixels, o)
-                    store.save(i, {m: o[m][cs, js] for m in todo}, span)
-                advance(len(cs) * len(todo))
+                    todo_items.append(i)
+            # A pool takes the deepest layers' batches first; a batch's crops do not depend on the
+            # order nor on the worker.
+            depth = lambda i: (items[i][0].index, len(items[i][0].c[items[i][1]]))  # noqa: E731
+            for i, crops in map_items(work, todo_items, ctx.pass_workers(batch), cost=depth):
+                store.save(i, crops, span(i))
+                keep(i, crops)
             if ctx.dist.is_main:  # the shared pictures are few: rank 0 computes them all
                 for p in plans:
                     if p.index in sharing:

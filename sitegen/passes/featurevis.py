@@ -77,6 +77,7 @@ from ..hooks import capture_outputs, get_module, model_guard, run_until
 from ..images import as_rgb, default_stats, per_channel
 from ..model_loading import logits
 from ..planning import PassPlan, Probe, count
+from ..workpool import map_items
 from .base import AnalysisPass, ItemStore, Result
 
 REDIRECT_FRACTION = 0.25
@@ -281,10 +282,14 @@ class _RedirectedReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         relu_grad = torch.ops.aten.threshold_backward(grad, x, 0)  # grad where x > 0, else 0
-        if grad.dim() < 2:  # any() of a float tensor: is some element non-zero
-            blocked = ~relu_grad.any()
+        # A sample is blocked when its whole gradient is zero: its largest magnitude is 0 (NaN is
+        # not).  amax of the magnitudes rather than any(): torch's any() of a bfloat16 map runs
+        # 3.7 x slower (600 against 160 us for a 64x16x32x32 map, measured), and it ran on every
+        # ReLU of every redirected step.
+        if grad.dim() < 2:
+            blocked = relu_grad.abs().amax() == 0
         else:  # over the sample's own dims, in place (flatten would copy a channels-last map)
-            blocked = ~relu_grad.any(dim=tuple(range(1, grad.dim())), keepdim=True)
+            blocked = relu_grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True) == 0
         if not bool(blocked.any()):  # every sample has an ordinary gradient: nothing to redirect
             return relu_grad, None
         redirected = torch.where((x < 0) & (grad < 0), torch.zeros_like(grad), grad)
@@ -569,16 +574,29 @@ class FeatureVisPass(AnalysisPass):
         mine = ctx.dist.items(len(items))
         store = ItemStore(ctx.scratch)  # finished items survive a kill; the next run reads them back
         done: dict[int, AscentResult] = {}
+        span = lambda i: (items[i][0], items[i][1][0], items[i][1][-1])  # noqa: E731
+
+        def work(i: int) -> AscentResult:
+            li, units = items[i]
+            return (visualise_classes(ctx.net, units, a, device=ctx.device) if li < 0 else
+                    visualise_channels(ctx.net, ctx.layers[li].name, units, a, device=ctx.device))
+
         with progress.bar("feature visualisation", sum(len(items[i][1]) for i in mine), "images") as advance:
+            todo = []
             for i in mine:
-                li, units = items[i]
-                span = (li, units[0], units[-1])
-                done[i] = _load_item(store, i, len(units), a, span)
-                if done[i] is None:
-                    done[i] = (visualise_classes(ctx.net, units, a, device=ctx.device) if li < 0 else
-                               visualise_channels(ctx.net, ctx.layers[li].name, units, a, device=ctx.device))
-                    store.save(i, {k: getattr(done[i], k) for k in _ITEM_FIELDS}, span)
-                advance(len(units))
+                loaded = _load_item(store, i, len(items[i][1]), a, span(i))
+                if loaded is None:
+                    todo.append(i)
+                else:
+                    done[i] = loaded
+                    advance(len(items[i][1]))
+            # A pool takes the deepest ascents first (the classes' run through the whole model); an
+            # item's images do not depend on the order nor on the worker.
+            depth = lambda i: (items[i][0] if items[i][0] >= 0 else len(ctx.layers), len(items[i][1]))  # noqa: E731
+            for i, result in map_items(work, todo, ctx.pass_workers(bs), cost=depth):
+                done[i] = result
+                store.save(i, {k: getattr(result, k) for k in _ITEM_FIELDS}, span(i))
+                advance(len(items[i][1]))
         if ctx.dist.active:
             gathered = gather_to_main(done)
             done = {i: r for part in (gathered or [done]) for i, r in part.items()}

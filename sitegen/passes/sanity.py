@@ -73,6 +73,7 @@ from ..errors import SitegenError
 from ..hooks import StopForward, get_module, model_guard, run_until
 from ..images import load_pixels, normalise
 from ..planning import PassPlan, Probe, count
+from ..workpool import map_items
 from .base import AnalysisPass, ItemStore, Result
 
 CHECKS = ("own", "cascade", "images", "edge")
@@ -556,22 +557,37 @@ class SanityPass(AnalysisPass):
             progress.info(f"warning: sanity checks: {rand.reason}; only the image and edge checks ran")
         try:
             total = sum(len(samples[li]) * (3 + cfg.images) for li in mine)
+            keys = [f"{m}.{a}" for m in methods for a in ARRAYS]
+            span = lambda li: (li, len(samples[li]), cfg.images, len(methods))  # noqa: E731
+
+            def work(li: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                """Layer ``li``'s figures, and how the modules re-initialised so far were (a pool
+                worker re-initialises its own copies)."""
+                s = samples[li]
+                proved = frozenset(m for m in methods if proofs[s.name][m])
+                return self._layer(ctx, s, methods, rand, pixels, batch, proved), dict(rand.how)
+
+            how: dict[str, str] = {}
             with progress.bar("sanity checks", total, "pairs") as advance:
+                todo = []
                 for li in mine:
-                    s = samples[li]
-                    keys = [f"{m}.{a}" for m in methods for a in ARRAYS]
-                    span = (li, len(s), cfg.images, len(methods))
-                    saved = store.load(li, keys, span)
+                    saved = store.load(li, keys, span(li))
                     if saved is None:
-                        proved = frozenset(m for m in methods if proofs[s.name][m])
-                        saved = self._layer(ctx, s, methods, rand, pixels, batch, proved)
-                        store.save(li, saved, span)
-                    elif rand.available:
-                        rand.cascade(s.name)  # keep the progressive copy in step with the layers done
+                        todo.append(li)
+                    else:
+                        figures[li] = saved
+                        if rand.available:  # the modules it re-initialised, as a computed layer would
+                            rand.cascade(samples[li].name)
+                        advance(len(samples[li]) * (3 + cfg.images))
+                # In execution order: the cascade copy (each worker's own) is re-initialised
+                # progressively, deeper with each layer it takes.
+                for li, (saved, their_how) in map_items(work, todo, ctx.pass_workers(batch)):
+                    store.save(li, saved, span(li))
                     figures[li] = saved
-                    advance(len(s) * (3 + cfg.images))
+                    how.update(their_how)
+                    advance(len(samples[li]) * (3 + cfg.images))
         finally:
-            how, reason = dict(rand.how), rand.reason
+            how, reason = {**rand.how, **how}, rand.reason
             own_counts = {name: len(Randomiser.own_modules(ctx.net, name)) for name in layers}
             cascade_counts = {name: rand.cascade_count(name) for name in layers}
             rand.close()

@@ -14,13 +14,12 @@ and JPEG encoders release the GIL, so drawing still gains while templating (pure
 from __future__ import annotations
 
 import multiprocessing
-import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from .. import progress
+from ..workpool import available_cores, can_fork
 
 Job = Callable[[], Any]
 
@@ -28,22 +27,9 @@ _JOBS: Sequence[Job] = ()
 """The jobs of the pool being started: set before the fork, inherited by the workers."""
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the platform says, else all)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def resolve(workers: int) -> int:
     """The worker count a setting asks for: 0 means every core."""
     return available_cores() if workers <= 0 else workers
-
-
-def can_fork() -> bool:
-    """Processes by fork: on Linux and the BSDs (not Windows, not macOS; see the module doc)."""
-    return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
 
 def _chunks(n: int, workers: int) -> list[tuple[int, int]]:

@@ -228,6 +228,7 @@ def _starts(ctx, batch: int) -> list[slice]:
     return plan.batches(batch)
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
@@ -242,6 +243,7 @@ def test_resumes_finished_batches_after_a_kill(small, tmp_path, monkeypatch):
     assert not ctx.scratch.exists()
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
     ctx, p, whole = small
     ctx = dataclasses.replace(ctx, scratch=tmp_path / "attribution-key.partial")
@@ -256,6 +258,7 @@ def test_a_damaged_batch_file_is_recomputed(small, tmp_path, monkeypatch):
     assert not ctx.scratch.exists()
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_items_saved_with_another_batch_size_are_not_reused(small, tmp_path, monkeypatch):
     """The default batch size follows the free memory, so a resumed run may cut its batches
     differently: an item saved under the same index but for other pairs must not be reused; one
@@ -351,3 +354,9 @@ def test_deconvnet_is_computed_per_unit_through_max_pooling(tmp_path, paths, mak
     for key in result.arrays:
         diff = np.abs(result.arrays[key].astype(int) - plain.arrays[key].astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99, key
+
+
+def test_a_pool_of_workers_gives_the_one_thread_crops(small, pooled_and_inline):
+    ctx, p, _ = small
+    pooled, inline = pooled_and_inline(lambda: p.run(ctx))
+    _assert_same(pooled, inline)

@@ -171,6 +171,30 @@ def test_redirected_relu_backward_by_hand():
     assert torch.equal(gx, torch.tensor([[0.5, 0.0, 0.0], [0.5, 0.0, 3.0]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_redirected_relu_blocks_exactly_the_samples_without_gradient(dtype):
+    # 4-D channels-last maps, as the steps run them: sample 0 has an ordinary gradient at a single
+    # element, sample 1 has none (all its inputs negative), sample 2 none because its gradient is
+    # zero where the input is positive (-0.0 included), sample 3 an ordinary gradient everywhere.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=g)
+    grad = torch.randn(4, 3, 5, 5, generator=g)
+    x[0] = -1.0
+    x[0, 2, 4, 4] = 0.5
+    x[1] = -x[1].abs() - 0.1
+    grad[2] = torch.where(x[2] > 0, torch.tensor(-0.0), grad[2])
+    x[3] = x[3].abs() + 0.1
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = grad.to(dtype).contiguous(memory_format=torch.channels_last)
+    (got,) = torch.autograd.grad(fv._RedirectedReLU.apply(x, False), x, grad)
+    xd = x.detach()
+    ordinary = torch.where(xd > 0, grad, torch.zeros_like(grad))
+    redirected = torch.where((xd < 0) & (grad < 0), torch.zeros_like(grad), grad)
+    want = torch.stack([ordinary[0], redirected[1], redirected[2], ordinary[3]])
+    assert torch.equal(got, want)
+    assert got[0].count_nonzero() == 1
+
+
 def test_colour_matrix_reproduces_the_covariance():
     rng = np.random.default_rng(0)
     mix = np.array([[0.9, 0.3, 0.1], [0.3, 0.8, 0.2], [0.1, 0.2, 0.5]])
@@ -278,6 +302,7 @@ def _killed_run(ctx, p, monkeypatch, after: int) -> None:
             p.run(ctx)
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_pass_resumes_finished_items_after_a_kill(fv_ctx, tmp_path, monkeypatch):
     ctx, p, whole = fv_ctx
     ctx.scratch = tmp_path / "featurevis-key.partial"
@@ -290,6 +315,7 @@ def test_pass_resumes_finished_items_after_a_kill(fv_ctx, tmp_path, monkeypatch)
     assert not ctx.scratch.exists()  # the item files are removed once the result is made
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_a_damaged_item_file_is_recomputed(fv_ctx, tmp_path, monkeypatch):
     ctx, p, whole = fv_ctx
     ctx.scratch = tmp_path / "featurevis-key.partial"
@@ -304,6 +330,7 @@ def test_a_damaged_item_file_is_recomputed(fv_ctx, tmp_path, monkeypatch):
     assert not ctx.scratch.exists()
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_items_of_a_run_cut_into_other_batches_are_not_reused(fv_ctx, tmp_path, monkeypatch):
     """The default batch (256 on a GPU, 64 on the CPU) is not in the cache key: a run killed on one
     device and resumed on another cuts its items differently.  Item 3 of batches of 3 (conv2 channels
@@ -488,3 +515,9 @@ def test_fast_steps_reach_the_objective_of_the_exact_steps(monkeypatch):
     assert len(calls) == 2 * a.steps + 2  # both BatchNorms of every step (and of the fold probe)
     assert np.all(fast.objective >= exact.objective - 0.05 * np.abs(exact.objective) - 1e-3), \
         (fast.objective, exact.objective)
+
+
+def test_a_pool_of_workers_gives_the_one_thread_images(fv_ctx, pooled_and_inline):
+    ctx, p, _ = fv_ctx
+    pooled, inline = pooled_and_inline(lambda: p.run(ctx))
+    _same(pooled, inline)

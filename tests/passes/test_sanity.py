@@ -136,6 +136,7 @@ def test_deconvnet_without_max_pooling_has_image_similarity_one_measured_and_pro
         assert len(set(units[:, 0].tolist())) == len(units) == ctx.layer(layer).channels
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_a_proved_method_is_measured_on_a_few_units_and_the_rest_take_the_proof(tmp_path, make_images,
                                                                                monkeypatch):
     """Deconvnet without max-pooling: the default run measures the other images of the first
@@ -331,3 +332,13 @@ def test_many_at_once_equals_one_by_one():
     grey = [np.clip(a * 40 + rng.normal(0, 30, a.shape), 0, 255) for _ in range(4)] + [a * 40]
     assert ssim_many(a * 40, np.stack(grey)) == pytest.approx([ssim(a * 40, g) for g in grey], rel=1e-12)
     assert np.isnan(ssim_many(a[:2, :2], np.stack([a[:2, :2]]))).all()
+
+
+def test_a_pool_of_workers_gives_the_one_thread_figures(tmp_path, make_images, pooled_and_inline):
+    # Every layer an item; each worker re-initialises its own copies as it goes deeper.
+    ctx, cfg = _context(tmp_path, make_images, f"{TINY}:pool_free_cnn")
+    pooled, inline = pooled_and_inline(lambda: _run(ctx, cfg))
+    assert len(pooled.meta["layers"]) >= 3
+    assert pooled.meta == inline.meta and set(pooled.arrays) == set(inline.arrays)
+    for key in pooled.arrays:
+        assert np.array_equal(pooled.arrays[key], inline.arrays[key], equal_nan=True), key

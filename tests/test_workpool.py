@@ -1,0 +1,71 @@
+"""The passes' worker pool: every item once, one torch thread per worker, errors reach the build."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sitegen import workpool
+from sitegen.errors import LayerError
+
+needs_fork = pytest.mark.skipif(not workpool.can_fork(), reason="no fork on this platform")
+
+
+def _square(i: int) -> tuple[int, int, int]:
+    return i * i, os.getpid(), torch.get_num_threads()
+
+
+@needs_fork
+def test_a_pool_runs_every_item_once_on_one_thread_each():
+    got = dict(workpool.map_items(_square, list(range(7)), workers=2))
+    assert sorted(got) == list(range(7))
+    assert all(v[0] == i * i for i, v in got.items())
+    assert all(v[1] != os.getpid() for v in got.values())  # in the workers, not here
+    assert {v[2] for v in got.values()} == {1}
+
+
+def test_one_worker_runs_inline_in_order():
+    seen = []
+    out = list(workpool.map_items(lambda i: seen.append(i) or -i, [3, 1, 2], workers=1, cost=lambda i: i))
+    assert out == [(3, -3), (1, -1), (2, -2)] and seen == [3, 1, 2]  # the cost orders a pool only
+
+
+def _pid(i: int) -> int:
+    return os.getpid()
+
+
+@needs_fork
+def test_the_costliest_items_go_first_in_a_pool():
+    # Each worker takes the next item in the pool's order: with the cost ``i``, every worker meets
+    # its items from the largest down.
+    by_worker: dict[int, list[int]] = {}
+    for i, pid in workpool.map_items(_pid, list(range(8)), workers=2, cost=lambda i: i):
+        by_worker.setdefault(pid, []).append(i)
+    assert sorted(i for items in by_worker.values() for i in items) == list(range(8))
+    assert all(items == sorted(items, reverse=True) for items in by_worker.values())
+
+
+def _fail_at_three(i: int) -> int:
+    if i == 3:
+        raise LayerError("no layer 'layer5'", "`sitegen layers model.pt` lists them")
+    return i
+
+
+@needs_fork
+def test_an_error_in_a_worker_reaches_the_caller_with_its_hint():
+    with pytest.raises(LayerError) as err:
+        list(workpool.map_items(_fail_at_three, list(range(6)), workers=2))
+    assert err.value.hint == "`sitegen layers model.pt` lists them"
+    assert "no layer 'layer5'" in str(err.value)
+
+
+def test_pool_workers_only_on_a_cpu_that_can_fork(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(workpool, "can_fork", lambda: True)
+    assert workpool.pool_workers(torch.device("cpu"), memory_bound=10) == 4
+    assert workpool.pool_workers(torch.device("cpu"), memory_bound=3) == 3  # the memory holds 3
+    assert workpool.pool_workers(torch.device("cpu"), memory_bound=0) == 1
+    assert workpool.pool_workers(torch.device("cuda"), memory_bound=10) == 1
+    monkeypatch.setattr(workpool, "can_fork", lambda: False)
+    assert workpool.pool_workers(torch.device("cpu"), memory_bound=10) == 1
