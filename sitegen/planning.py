@@ -179,7 +179,7 @@ class Probe:
         return best
 
     def fit(self, key: str, fn: Callable[[int], Any], cap: int, target: float | None = None,
-            warm: bool = True) -> Fit:
+            warm: bool = True, workers: int = 1) -> Fit:
         """Time ``fn(n)`` for n = 1, 2, 4, ... until a call takes ``target`` seconds and n is at least
         MIN_ITEMS (or n reaches ``cap``), and fit ``fixed + per_item · n`` through the last two sizes.
 
@@ -189,7 +189,18 @@ class Probe:
         double rather than jump from one measurement, so a single slow call cannot make the probe
         stop at a size too small to tell the per-item cost from the per-call cost.  The per-item
         cost is kept at least 5 % of the larger call's mean, so no fit says a batch costs nothing.
+
+        ``workers`` > 1: the pass runs its batches on a pool of that many one-thread processes
+        (:mod:`sitegen.workpool`): ``fn`` is timed on one thread and the fit divided by the workers.
         """
+        if workers > 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                one = self.fit(f"{key}:one thread", fn, cap, target, warm)
+            finally:
+                torch.set_num_threads(threads)
+            return one.scaled(1 / workers)
         if key in self._fits:
             return self._fits[key]
         target = self.target if target is None else target

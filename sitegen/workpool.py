@@ -66,6 +66,11 @@ def pool_workers(device: torch.device, memory_bound: int) -> int:
 
 def _start_worker() -> None:
     torch.set_num_threads(1)
+    # Fresh stream objects on the same descriptors: the fork may have caught another thread of the
+    # parent (a progress bar's refresh) holding the lock of sys.stderr's buffer, which would block
+    # this process's first warning for ever.
+    sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
 
 
 def _call(i: int) -> tuple[int, object]:

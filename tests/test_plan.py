@@ -13,6 +13,7 @@ pass a finite, positive estimate.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,9 @@ class FixedProbe(Probe):
 
     FIT = Fit(0.5, 0.25)
 
-    def fit(self, key, fn, cap, target=None, warm=True):
+    def fit(self, key, fn, cap, target=None, warm=True, workers=1):
         self.keys.append(key)
-        return self.FIT
+        return self.FIT.scaled(1 / workers)
 
     def time(self, fn):
         return 0.1
@@ -164,6 +165,7 @@ class FixedProbe(Probe):
         return 1.0 if layer is None else (names.index(layer) + 1) / len(names)
 
 
+@pytest.mark.usefixtures("inline_items")
 def test_pass_estimates_multiply_the_probe_out_over_the_work(resnet_setup):
     _root, ckpt, images = resnet_setup
     ctx = prepare(ckpt, images, from_dict({"model": {"arch": RESNET_ARCH}, **SMALL}), None)
@@ -208,6 +210,42 @@ def test_pass_estimates_multiply_the_probe_out_over_the_work(resnet_setup):
     assert plans["activations"].seconds == pytest.approx(f.batched(samples, batch) + samples * 0.01)
     # the layers between measured ones are interpolated, not measured: at most three per pass
     assert sum(key.startswith("attribution@") for key in probe.keys) <= 3
+
+
+def test_passes_on_a_pool_are_estimated_at_its_throughput(resnet_setup, monkeypatch):
+    """With their batches on a pool of 2 one-thread workers, the attribution and feature-vis
+    estimates are the inline ones halved (decoding, which the build does, is not)."""
+    from sitegen.context import BuildContext
+
+    _root, ckpt, images = resnet_setup
+    ctx = prepare(ckpt, images, from_dict({"model": {"arch": RESNET_ARCH}, **SMALL}), None)
+    plans = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(BuildContext, "pass_workers", lambda self, batch, w=workers: w)
+        probe = FixedProbe(ctx)
+        probe.keys = []
+        plans[workers] = {p.name: p.seconds for p in estimate_passes(ctx, None, probe)}
+    n = len(ctx.images)
+    for name in ("attribution", "featurevis"):
+        assert plans[2][name] - n * 0.01 == pytest.approx((plans[1][name] - n * 0.01) / 2), name
+    assert plans[2]["topk"] == plans[1]["topk"]  # the dataset pass runs on threads
+
+
+def test_a_pooled_fit_is_the_one_thread_fit_over_the_workers(resnet_setup):
+    _root, ckpt, images = resnet_setup
+    ctx = prepare(ckpt, images, from_dict({"model": {"arch": RESNET_ARCH}, **SMALL}), None)
+    probe = Probe(ctx)
+    threads, seen = torch.get_num_threads(), []
+
+    def run(n: int) -> None:
+        seen.append(torch.get_num_threads())
+        time.sleep(0.01 * n)
+
+    pooled = probe.fit("sleep", run, cap=4, workers=2)
+    one = probe.remember("sleep:one thread")
+    assert set(seen) == {1} and torch.get_num_threads() == threads
+    assert pooled.per_item == pytest.approx(one.per_item / 2) and pooled.fixed == pytest.approx(one.fixed / 2)
+    assert one.per_item == pytest.approx(0.01, rel=0.5)
 
 
 def test_a_real_probe_times_each_pass_with_its_own_code(resnet_setup):

@@ -380,12 +380,14 @@ class AttributionPass(AnalysisPass):
     def unit_fits(self, ctx: BuildContext, probe: Probe, batch: int) -> dict[str, Fit]:
         """Per shown layer, seconds of a batch of n units (one forward to the layer, one backward per
         method, the crops): ``_batch`` timed at up to three layers, the others interpolated by depth.
-        The sanity checks' pairs are the same computation and read the same fits."""
+        The sanity checks' pairs are the same computation and read the same fits.  Both passes run
+        their batches on :meth:`BuildContext.pass_workers` processes: the fits are their throughput."""
         methods = list(self.config.methods)
         names = [l.name for l in ctx.layers]
+        workers = ctx.pass_workers(batch)
         return probe.per_layer(f"attribution:{','.join(methods)}:{self.config.max_side}", names,
                                lambda name: probe.fit(f"attribution@{name}", self._prober(ctx, probe, name, methods),
-                                                      cap=batch))
+                                                      cap=batch, workers=workers))
 
     def _prober(self, ctx: BuildContext, probe: Probe, name: str, methods: list[str]):
         """``run(m)``: one ``_batch`` of m units of layer ``name`` at seeded random positions of real

@@ -35,7 +35,8 @@ readable with Lucid/Lucent's regularisers:
 
 Many channels are optimised at once, one per batch element: in eval mode the images of a batch do
 not interact, and summing their objectives gives each image its own gradient.  The forward is cut
-short after the layer (``capture_outputs(stop_after_last=True)``).
+short after the layer (``capture_outputs(stop_after_last=True)``).  On the CPU the batches run on a
+pool of one-thread processes (:mod:`sitegen.workpool`), the deepest first.
 
 The ReLU problem: a channel whose pre-activation is negative everywhere has a zero gradient through
 its ReLU, and so does every unit behind a ReLU that is off, and gradient ascent cannot start.
@@ -528,12 +529,13 @@ class FeatureVisPass(AnalysisPass):
         quick = dataclasses.replace(a, steps=PROBE_STEPS)
         factor = (cfg.steps + MEASURE_STEPS) / (PROBE_STEPS + MEASURE_STEPS)
         bs = self.batch_size(ctx)
+        workers = ctx.pass_workers(bs)
         names = [l.name for l in ctx.layers]
 
         def measure(name: str):
             channels = ctx.layer(name).channels
             return probe.fit(f"featurevis@{name}:{h}x{w}:{cfg.decorrelate}", lambda m: visualise_channels(
-                ctx.net, name, [c % channels for c in range(m)], quick, device=ctx.device), cap=bs)
+                ctx.net, name, [c % channels for c in range(m)], quick, device=ctx.device), cap=bs, workers=workers)
 
         fits = probe.per_layer(f"featurevis:{h}x{w}:{cfg.decorrelate}", names, measure)
         seconds = sum(fits[n].scaled(factor).batched(ctx.layer(n).channels, bs) for n in names)
@@ -541,7 +543,7 @@ class FeatureVisPass(AnalysisPass):
         n_classes = logit_count(ctx.net, a, ctx.device)[0] if cfg.classes else 0
         if n_classes:
             fit = probe.fit(f"featurevis:classes:{h}x{w}:{cfg.decorrelate}", lambda m: visualise_classes(
-                ctx.net, [c % n_classes for c in range(m)], quick, device=ctx.device), cap=bs)
+                ctx.net, [c % n_classes for c in range(m)], quick, device=ctx.device), cap=bs, workers=workers)
             seconds += fit.scaled(factor).batched(n_classes, bs)
         seconds /= max(1, ctx.dist.world)
         seconds += min(256, len(ctx.images)) * probe.decode_seconds()  # the colour statistics

@@ -476,6 +476,7 @@ class SanityPass(AnalysisPass):
             return PassPlan(self.name, 0.0, {"units": 0}, "no layer or image to check")
         others = min(cfg.images, max(0, len(ctx.images) - 1))
         batch = ctx.batch_size(cfg.batch_size)
+        workers = ctx.pass_workers(batch)  # the layers' comparisons run in the pool's workers too
         fits = AttributionPass(acfg).unit_fits(ctx, probe, ctx.batch_size(acfg.batch_size))
         h, w = ctx.input_size
         shape = (ctx.channels, h, w)
@@ -509,7 +510,7 @@ class SanityPass(AnalysisPass):
             u = min(cfg.units, ctx.layer(name).channels)
             own = bool(Randomiser.own_modules(ctx.net, name))
             seconds += fits[name].batched(u * (1 + others), batch) + (1 + own) * fits[name].batched(u, batch)
-            seconds += u * (len(methods) * (2 + own + others) * per_comparison(sizes[name][0]) + t_sobel)
+            seconds += u * (len(methods) * (2 + own + others) * per_comparison(sizes[name][0]) + t_sobel) / workers
             units += u
             pairs += u * (1 + others + 1 + own)
 
