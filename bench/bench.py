@@ -410,6 +410,9 @@ def main() -> None:
             fv = s.get("pass:featurevis")
             summary.update({
                 "atlas_build_over_bare_forward": s["total"] / s["bare_forward"],
+                # Against the forward after the build alone: the allocator then in the state most
+                # of the build ran in (the stricter reference).
+                "atlas_build_over_bare_forward_after": s["total"] / atlas["bare_forward_runs"][1],
                 "bare_forward_runs_s": atlas.get("bare_forward_runs"),
                 "atlas_build_over_bare_forward_channels_last":
                     s["total"] / atlas["bare_forward_channels_last"] if atlas.get("bare_forward_channels_last") else None,
@@ -429,6 +432,7 @@ def main() -> None:
                     atlas.get("attribution_mac_floor", {}).get("over_bare_forward", {}).get("floor_unshared"),
                 "attribution_over_mac_floor": atlas.get("attribution_mac_floor", {}).get("time_over_floor"),
                 "atlas_peak_rss_mib": atlas["peak_rss_mib"],
+                "atlas_peak_rss_workers_mib": atlas.get("peak_rss_workers_mib"),
                 "site_mib": atlas["site"]["bytes"] / 2**20,
                 "site_files": atlas["site"]["files"],
             })

@@ -22,8 +22,10 @@ CUDA context its parent holds, nor autograd once it has started device threads.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -64,7 +66,19 @@ def pool_workers(device: torch.device, memory_bound: int) -> int:
     return max(1, min(torch.get_num_threads(), memory_bound))
 
 
-def _start_worker() -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _start_worker(parent: int) -> None:
+    # Killed when the build's process ends, however it ends (Linux's parent-death signal): a worker
+    # waiting for its next item would otherwise outlive a build killed with SIGKILL.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the build ended before the line above
+        os._exit(1)
     torch.set_num_threads(1)
     # Fresh stream objects on the same descriptors: the fork may have caught another thread of the
     # parent (a progress bar's refresh) holding the lock of sys.stderr's buffer, which would block
@@ -99,7 +113,8 @@ def map_items(work: Callable[[int], T], items: Sequence[int], workers: int,
             # Python ≥ 3.12 warns that forking a process with threads (torch's) may deadlock; the
             # workers run torch on one thread, which waits on no lock of the parent's threads.
             warnings.simplefilter("ignore", DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker)
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker,
+                                                              initargs=(os.getpid(),))
         finished = False
         try:
             for i, result in pool.imap_unordered(_call, items, chunksize=1):

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +73,40 @@ def test_pool_workers_only_on_a_cpu_that_can_fork(monkeypatch):
     assert workpool.pool_workers(torch.device("cuda"), memory_bound=10) == 1
     monkeypatch.setattr(workpool, "can_fork", lambda: False)
     assert workpool.pool_workers(torch.device("cpu"), memory_bound=10) == 1
+
+
+@needs_fork
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_end_with_a_build_killed_outright(tmp_path):
+    pids = tmp_path / "pids"
+    script = f"""
+import os, time
+from sitegen import workpool
+def work(i):
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(60)
+list(workpool.map_items(work, [0, 1], workers=2))
+"""
+    build = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+            time.sleep(0.05)
+        workers = [int(p) for p in pids.read_text().split()]
+        assert len(workers) == 2
+    finally:
+        build.kill()  # SIGKILL: no finally, no atexit in the build
+        build.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
