@@ -69,9 +69,12 @@ def pool_workers(device: torch.device, memory_bound: int) -> int:
 _PR_SET_PDEATHSIG = 1
 
 
-def _start_worker(parent: int) -> None:
-    # Killed when the build's process ends, however it ends (Linux's parent-death signal): a worker
-    # waiting for its next item would otherwise outlive a build killed with SIGKILL.
+def start_worker(parent: int) -> None:
+    """The start of a worker forked from the build (a pass's or the render's pool): it ends with
+    the build however the build ends, leaves Ctrl-C to the build (which stops the pool), dies
+    quietly when the pool is stopped, and writes through stream objects of its own."""
+    # Linux's parent-death signal: a worker waiting for its next item would otherwise outlive a
+    # build killed with SIGKILL.
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -79,12 +82,21 @@ def _start_worker(parent: int) -> None:
             pass
     if os.getppid() != parent:  # the build ended before the line above
         os._exit(1)
-    torch.set_num_threads(1)
+    # The build's own handlers (SIGTERM raised as an exception) would print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     # Fresh stream objects on the same descriptors: the fork may have caught another thread of the
     # parent (a progress bar's refresh) holding the lock of sys.stderr's buffer, which would block
     # this process's first warning for ever.
     sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
+
+
+def _start_pass_worker(parent: int) -> None:
+    start_worker(parent)
+    torch.set_num_threads(1)
 
 
 def _call(i: int) -> tuple[int, object]:
@@ -113,7 +125,7 @@ def map_items(work: Callable[[int], T], items: Sequence[int], workers: int,
             # Python ≥ 3.12 warns that forking a process with threads (torch's) may deadlock; the
             # workers run torch on one thread, which waits on no lock of the parent's threads.
             warnings.simplefilter("ignore", DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker,
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_pass_worker,
                                                               initargs=(os.getpid(),))
         finished = False
         try:

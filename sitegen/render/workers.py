@@ -14,12 +14,13 @@ and JPEG encoders release the GIL, so drawing still gains while templating (pure
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from .. import progress
-from ..workpool import available_cores, can_fork
+from ..workpool import available_cores, can_fork, start_worker
 
 Job = Callable[[], Any]
 
@@ -67,7 +68,8 @@ def run(jobs: Sequence[Job], workers: int, description: str, unit: str) -> None:
                     # the workers only run the jobs (NumPy, Pillow, Jinja), none of which waits on a
                     # lock another thread of the parent could have held at the fork.
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    pool = multiprocessing.get_context("fork").Pool(workers)
+                    pool = multiprocessing.get_context("fork").Pool(workers, initializer=start_worker,
+                                                                  initargs=(os.getpid(),))
                 try:
                     for done in pool.imap_unordered(_run_chunk, chunks):
                         advance(done)
