@@ -183,6 +183,13 @@ def render_scaling(ctx, results, cfg, work: Path, all_cores_s: float) -> dict[st
                                                  image_format=cfg.site.image_format, workers=workers))
         times[str(workers)] = time.perf_counter() - t
     return times
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended children (the passes' worker pools, which are
+    joined when each pass ends)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def sanity_child(n: int, work: Path) -> dict:
     """The top-k, attribution and sanity passes at the default settings over ``n`` images, in this
     process; the sanity pass's time as a share of the attribution pass's (wall and CPU)."""
@@ -199,9 +206,9 @@ def sanity_child(n: int, work: Path) -> dict:
     ctx = prepare(MODEL, image_folder(n, work), cfg, work / "layer-cache")
     seconds: dict[str, dict[str, float]] = {}
     for p in (TopKPass(cfg.topk), AttributionPass(cfg.attribution), SanityPass(cfg.sanity)):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         ctx.results[p.name] = p.run(ctx)
-        seconds[p.name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        seconds[p.name] = {"wall": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
     sanity = ctx.results["sanity"]
     pairs = sum(len(sanity.arrays[f"L{i}.units"]) * (3 + sanity.meta["images"]) for i in range(len(sanity.meta["layers"])))
     return {"images": len(ctx.images), "layers": len(ctx.layers), "units_attributed": ctx.results["attribution"].meta["units"],
