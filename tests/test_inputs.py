@@ -303,3 +303,20 @@ def test_prepare_resolves_the_data_config_once(tmp_path, tiny_checkpoint, paths)
     assert (d.resize, d.crop, d.channels, d.mean, d.std) == (0, 0, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert ctx.input_size == (12, 12) and ctx.channels == 3 and ctx.input_notes == ()
     assert ctx.identity()["data"]["channels"] == 3  # part of every cache key
+
+
+def test_grey_model_feature_vis_is_estimated(tmp_path):
+    """The plan's feature-vis probe runs grey images through a grey model (it ran 3-channel ones:
+    "estimate failed")."""
+    from sitegen.build import prepare
+    from sitegen.config import from_dict
+    from sitegen.passes.featurevis import FeatureVisPass
+    from sitegen.planning import Probe
+
+    _colour_images(tmp_path / "imgs", 6, (16, 16))
+    ckpt = tmp_path / "grey.pt"
+    torch.save(build_architecture(GREY_ARCH, None).state_dict(), ckpt)
+    cfg = from_dict({"model": {"arch": GREY_ARCH}, "featurevis": {"steps": 4}})
+    ctx = prepare(ckpt, tmp_path / "imgs", cfg, None)
+    plan = FeatureVisPass(cfg.featurevis).plan(ctx, Probe(ctx, target=0.01))
+    assert plan.estimated and plan.seconds > 0

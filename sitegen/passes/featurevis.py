@@ -522,8 +522,13 @@ class FeatureVisPass(AnalysisPass):
         cfg = self.config
         h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
         jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
-        a = Ascent(steps=cfg.steps, lr=cfg.lr, jitter=jit, size=(h, w), mean=tuple(ctx.config.data.mean),
-                   std=tuple(ctx.config.data.std), decorrelate=cfg.decorrelate, seed=cfg.seed,
+        c = ctx.channels
+        mean0, std0 = default_stats(c)
+        # As ``ascent`` but for the colour matrix (the data's, which needs decoded images; timing
+        # does not depend on it, its shape does: 1×1 for a grey model).
+        a = Ascent(steps=cfg.steps, lr=cfg.lr, jitter=jit, size=(h, w),
+                   mean=per_channel(ctx.config.data.mean or mean0, c), std=per_channel(ctx.config.data.std or std0, c),
+                   colour=tuple(map(tuple, default_colour(c).tolist())), decorrelate=cfg.decorrelate, seed=cfg.seed,
                    precision=precision(cfg.precision, ctx.device), fast_steps=True,
                    channels_last=fast_layout(ctx, (h, w)))
         quick = dataclasses.replace(a, steps=PROBE_STEPS)
