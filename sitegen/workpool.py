@@ -16,9 +16,10 @@ come back pickled); the parent keeps what they return (and saves it, shows progr
 finish.  Every worker runs one torch thread, so an item's result does not depend on the worker
 count nor on which worker ran it (it equals the one-thread inline run's).
 
-Only on the CPU, only where Python can fork (Linux and the BSDs; see
-:func:`can_fork`), and only without an accelerator torch has started: a forked child cannot use a
-CUDA context its parent holds, nor autograd once it has started device threads.
+Only on the CPU, only where Python can fork (Linux and the BSDs; see :func:`can_fork`), and only
+on a machine without a CUDA or XPU device (a CPU build there runs its items in its own process): a
+forked child can use neither a CUDA context its parent holds nor autograd once the parent's
+autograd has started its per-device threads.
 """
 from __future__ import annotations
 
@@ -52,16 +53,24 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
 
-def _accelerator_started() -> bool:
-    cuda = getattr(torch, "cuda", None)
-    return bool(cuda is not None and cuda.is_available() and cuda.is_initialized())
+def _has_accelerator() -> bool:
+    """A CUDA or XPU device is present: autograd then starts a thread per device at its first
+    backward, after which a forked child cannot run a backward (even a CPU one)."""
+    for name in ("cuda", "xpu"):
+        backend = getattr(torch, name, None)
+        try:
+            if backend is not None and backend.is_available():
+                return True
+        except (AttributeError, RuntimeError):
+            continue
+    return False
 
 
 def pool_workers(device: torch.device, memory_bound: int) -> int:
     """Processes for a CPU pass's items: one per torch thread this process may use, at most
     ``memory_bound`` (how many items' working sets fit the memory), 1 where a pool cannot run
-    (another device, no fork, an accelerator in use)."""
-    if device.type != "cpu" or not can_fork() or _accelerator_started():
+    (another device, no fork, a machine with a GPU)."""
+    if device.type != "cpu" or not can_fork() or _has_accelerator():
         return 1
     return max(1, min(torch.get_num_threads(), memory_bound))
 

@@ -71,6 +71,9 @@ def test_pool_workers_only_on_a_cpu_that_can_fork(monkeypatch):
     assert workpool.pool_workers(torch.device("cpu"), memory_bound=3) == 3  # the memory holds 3
     assert workpool.pool_workers(torch.device("cpu"), memory_bound=0) == 1
     assert workpool.pool_workers(torch.device("cuda"), memory_bound=10) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CPU build on a GPU machine
+    assert workpool.pool_workers(torch.device("cpu"), memory_bound=10) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(workpool, "can_fork", lambda: False)
     assert workpool.pool_workers(torch.device("cpu"), memory_bound=10) == 1
 
