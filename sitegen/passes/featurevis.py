@@ -495,12 +495,15 @@ class FeatureVisPass(AnalysisPass):
     distributed = True
     config: FeatureVisConfig
 
-    def ascent(self, ctx: BuildContext) -> Ascent:
+    def ascent(self, ctx: BuildContext, colour: np.ndarray | None = None) -> Ascent:
+        """The pass's ascent; ``colour`` (default: the data's colour matrix, which decodes images
+        for its statistics) replaces the colour matrix, as the plan's probe does."""
         cfg = self.config
         h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
         jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
         c = ctx.channels
-        colour = colour_sqrt(_sample_pixels(ctx)) if cfg.decorrelate else default_colour(c)
+        if colour is None:
+            colour = colour_sqrt(_sample_pixels(ctx)) if cfg.decorrelate else default_colour(c)
         mean0, std0 = default_stats(c)  # a resolved config has them; a hand-made context may not
         return Ascent(steps=cfg.steps, lr=cfg.lr, lr_end=cfg.lr_end, jitter=jit, size=(h, w),
                       mean=per_channel(ctx.config.data.mean or mean0, c), std=per_channel(ctx.config.data.std or std0, c),
@@ -521,16 +524,9 @@ class FeatureVisPass(AnalysisPass):
         layers between interpolated by depth) and scaled to the configured steps."""
         cfg = self.config
         h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else ctx.input_size
-        jit = cfg.jitter if cfg.jitter >= 0 else max(1, round(min(h, w) / 16))
-        c = ctx.channels
-        mean0, std0 = default_stats(c)
-        # As ``ascent`` but for the colour matrix (the data's, which needs decoded images; timing
-        # does not depend on it, its shape does: 1×1 for a grey model).
-        a = Ascent(steps=cfg.steps, lr=cfg.lr, jitter=jit, size=(h, w),
-                   mean=per_channel(ctx.config.data.mean or mean0, c), std=per_channel(ctx.config.data.std or std0, c),
-                   colour=tuple(map(tuple, default_colour(c).tolist())), decorrelate=cfg.decorrelate, seed=cfg.seed,
-                   precision=precision(cfg.precision, ctx.device), fast_steps=True,
-                   channels_last=fast_layout(ctx, (h, w)))
+        # The run's ascent with the default colour matrix: timing does not depend on its values, its
+        # shape does (1×1 for a grey model), and the data's would decode images here.
+        a = self.ascent(ctx, colour=default_colour(ctx.channels))
         quick = dataclasses.replace(a, steps=PROBE_STEPS)
         factor = (cfg.steps + MEASURE_STEPS) / (PROBE_STEPS + MEASURE_STEPS)
         bs = self.batch_size(ctx)
