@@ -196,10 +196,11 @@ class SiteConfig:
     title: str = ""
     """Title of the atlas; empty uses the checkpoint's file name."""
     patch_size: int = 96
-    """Side in pixels of each receptive-field patch image in the site."""
+    """Side in pixels of each receptive-field patch as the pages show it (smaller windows are stored
+    at their own pixels and enlarged by the page)."""
     image_format: str = "webp"
-    """Channel sprites as ``webp`` (lossy, quality 90) or ``png`` (lossless); see docs/size.md for the
-    measurements behind the default."""
+    """Channel sprites as ``webp`` (lossy, quality 90; lossless where the page enlarges the windows)
+    or ``png`` (lossless); see docs/size.md for the measurements behind the default."""
     dull_ratio: float = 0.05
     """A channel is dull when the std of its spatial means over the images is below this fraction of
     its layer's median std (and it is not dead): it barely varies, whatever the image."""

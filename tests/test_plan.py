@@ -316,7 +316,7 @@ def test_a_build_over_the_budget_leaves_out_rows_and_says_so(resnet_setup, tmp_p
     from PIL import Image
 
     with Image.open(out / "img" / "conv1" / "0.webp") as im:
-        assert im.height == 2 * 96  # the patches and one attribution row
+        assert im.height == 2 * 3  # the patches and one attribution row, at conv1's 3-px windows
 
 
 def _toml(tmp_path: Path) -> Path:

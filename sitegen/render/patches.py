@@ -22,20 +22,55 @@ of 96 px) method 2 took 13.5 ms a sprite against 30.7 ms, for files 4.5 % larger
 58.4 KB); methods 1 and 0 save little more time for larger files."""
 
 
+WEBP_LOSSLESS_EFFORT = 25
+"""libwebp's lossless effort (``quality`` in lossless mode, 0-100) at ``method`` 0, for sheets the
+browser enlarges: on CIFAR sprites at their own 32 px (4 rows of 9 windows) 0.9 ms a sheet and
+34 KB, where the same sheet enlarged to 96 px cost 10.4 ms and 40 KB lossy (measured); lossy
+coding's 2×2 chroma blocks would be enlarged with the pixels."""
+
+
+def cell_size(rows: list[list[np.ndarray]], size: int) -> int:
+    """The side of a sheet's cells: the largest window's own pixels, at most ``size`` (the side
+    the page shows).  Small windows (a CIFAR model's 32 px images) are stored at their own
+    resolution and enlarged by the browser (``image-rendering: pixelated``, as nearest-neighbour
+    enlargement here would): 9 times fewer pixels to encode and store at 96 px.  Larger ones are
+    shrunk to ``size``."""
+    side = max((max(cell.shape[:2]) for row in rows for cell in row), default=size)
+    return max(1, min(int(size), int(side)))
+
+
 def sprite(rows: list[list[np.ndarray]], size: int, columns: int) -> np.ndarray:
-    """A (rows × columns) grid of size×size cells; missing cells stay white."""
-    sheet = np.full((len(rows) * size, columns * size, 3), 255, dtype=np.uint8)
+    """A (rows × columns) grid of square cells of :func:`cell_size` px; missing cells stay white."""
+    cell_px = cell_size(rows, size)
+    sheet = np.full((len(rows) * cell_px, columns * cell_px, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
-            sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = resize_square(cell, size)
+            sheet[r * cell_px:(r + 1) * cell_px, c * cell_px:(c + 1) * cell_px] = resize_square(cell, cell_px)
     return sheet
 
 
-def encode(arr: np.ndarray, fmt: str = "png") -> bytes:
-    """The file's bytes as :func:`save_image` writes them (the size estimate encodes samples with it)."""
+def sprite_bytes(rows: list[list[np.ndarray]], size: int, columns: int, fmt: str) -> bytes:
+    """The sprite file's bytes: lossless where the page enlarges its cells (smaller than ``size``)."""
+    sheet = sprite(rows, size, columns)
+    return encode(sheet, fmt, lossless=sheet.shape[1] < columns * size)
+
+
+def save_sprite(rows: list[list[np.ndarray]], size: int, columns: int, path: Path, fmt: str) -> int:
+    """Write a sprite (:func:`sprite_bytes`); returns its size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = sprite_bytes(rows, size, columns, fmt)
+    path.write_bytes(data)
+    return len(data)
+
+
+def encode(arr: np.ndarray, fmt: str = "png", lossless: bool = False) -> bytes:
+    """The file's bytes as :func:`save_image` writes them (the size estimate encodes samples with it);
+    ``lossless`` matters for WebP only (PNG always is)."""
     buf = io.BytesIO()
     img = Image.fromarray(arr)
-    if fmt == "webp":
+    if fmt == "webp" and lossless:
+        img.save(buf, "WEBP", lossless=True, quality=WEBP_LOSSLESS_EFFORT, method=0)
+    elif fmt == "webp":
         img.save(buf, "WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
     else:
         img.save(buf, "PNG", optimize=False, compress_level=6)

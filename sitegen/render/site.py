@@ -26,7 +26,7 @@ from ..passes.base import Result
 from ..passes.topk import channel_top
 from .pages import (Page, RenderOptions, channel_url, class_anchor, class_url, layer_url, relative_root,
                     slug, sprite_url, tile_page_url, tile_pages)
-from .patches import save_image, sprite
+from .patches import save_sprite
 from . import workers
 from .views import registered
 from .workers import Job
@@ -253,8 +253,8 @@ def sprite_jobs(ctx: BuildContext, atlas: dict[str, Any], out: Path, opts: Rende
         boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in ch["top"]]
         patches = [crop_box(pixels(e["index"]), box) for e, box in zip(ch["top"], boxes)]
         rows = [patches] + (extra_rows(li, ch["channel"], boxes) if extra_rows else [])
-        sheet = sprite(rows, opts.patch_size, max(atlas["k"], 1))
-        return save_image(sheet, out / sprite_url(layer["name"], ch["channel"], opts.image_format), opts.image_format)
+        return save_sprite(rows, opts.patch_size, max(atlas["k"], 1),
+                           out / sprite_url(layer["name"], ch["channel"], opts.image_format), opts.image_format)
 
     return [functools.partial(draw, li, layer, ch)
             for li, layer in enumerate(atlas["layers"]) for ch in layer["channels"]]

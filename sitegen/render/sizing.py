@@ -10,7 +10,7 @@ from ..context import BuildContext
 from ..crops import crop_box, display_box
 from ..layers import LayerInfo
 from ..planning import SizeSamples
-from .patches import encode, sprite
+from .patches import sprite_bytes
 
 SPRITES_PER_LAYER = 2
 """Row-0 sprites drawn and encoded per layer."""
@@ -86,7 +86,7 @@ def row0_bytes(ctx: BuildContext, sizes: SizeSamples, layer: LayerInfo) -> float
         for s in range(0, len(units), k):
             cells = [crop_box(sizes.shown(i), display_box(layer.rf.box(y, x), ctx.input_size))
                      for i, _c, y, x in units[s:s + k]]
-            out.append(len(encode(sprite([cells], cfg.site.patch_size, k), cfg.site.image_format)))
+            out.append(len(sprite_bytes([cells], cfg.site.patch_size, k, cfg.site.image_format)))
         return float(np.mean(out)) if out else 0.0
 
     return sizes.memo(f"row0:{layer.name}:{cfg.site.image_format}:{cfg.site.patch_size}:{k}", measure)

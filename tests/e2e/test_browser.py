@@ -455,7 +455,7 @@ def test_comparison_pages_load_cleanly(browser, compare_site: Path):
     page.locator("a.tile").first.click()
     page.wait_for_url(re.compile(r"/layers/[^/]+/\d+\.html$"))
     section = page.locator("section#compare")
-    assert section.is_visible() and section.locator("img.patch").count() >= 1
+    assert section.is_visible() and section.locator(".patch img").count() >= 1
     check_images(page)
     screenshot(page, "compare-3-channel")
 

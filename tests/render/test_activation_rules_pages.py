@@ -122,7 +122,8 @@ def test_method_rows_of_a_sprite_differ_behind_smooth_activations(smooth_site):
             if ".fv." in f.name:
                 continue
             a = np.asarray(Image.open(f).convert("RGB")).astype(float)
-            rows = [a[(1 + r) * PATCH:(2 + r) * PATCH] for r in range(3)]  # guided, deconvnet, gradient
+            side = a.shape[1] // 4  # k = 4 cells a row, at the windows' own pixels
+            rows = [a[(1 + r) * side:(2 + r) * side] for r in range(3)]  # guided, deconvnet, gradient
             out.append(min(np.abs(rows[i] - rows[j]).mean() for i, j in itertools.combinations(range(3), 2)))
         return out
 

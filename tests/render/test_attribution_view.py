@@ -77,11 +77,12 @@ def test_sprite_rows_are_patches_then_one_row_per_method(site):
             sheet = np.asarray(Image.open(out / "img" / layer / f"{c}.png").convert("RGB"))
             boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in atlas["layers"][li]["channels"][c]["top"]]
             extra = sum(len(v.sprite_rows(ctx, atlas, results, li, c, boxes)) for v in others)
-            assert sheet.shape[0] == (1 + len(methods) + extra) * PATCH
+            side = min(PATCH, boxes[0][2] - boxes[0][0])  # cells at the window's own pixels, at most the patch
+            assert sheet.shape[:2] == ((1 + len(methods) + extra) * side, K * side)
             for row, m in enumerate(methods, start=1):
                 for j, crop in enumerate(unit_crops(r, layer, c, m)):
-                    cell = sheet[row * PATCH:(row + 1) * PATCH, j * PATCH:(j + 1) * PATCH]
-                    np.testing.assert_array_equal(cell, resize_square(crop, PATCH), err_msg=f"{layer}:{c} {m} {j}")
+                    cell = sheet[row * side:(row + 1) * side, j * side:(j + 1) * side]
+                    np.testing.assert_array_equal(cell, resize_square(crop, side), err_msg=f"{layer}:{c} {m} {j}")
 
 
 def test_channel_page_has_the_method_switch_and_the_normalisation(site):
@@ -92,7 +93,7 @@ def test_channel_page_has_the_method_switch_and_the_normalisation(site):
     assert [(i["value"], i["data-attr-row"]) for i in radios] == [("guided", "1"), ("deconvnet", "2"), ("gradient", "3")]
     assert "checked" in radios[0] and not any("checked" in i for i in radios[1:])
     assert "99th percentile of its" in html and "Grey is zero" in html
-    assert 'data-attr-rows style="--p:32px; --r:1"' in html  # guided shown without JavaScript
+    assert 'data-attr-rows style="--p:32px; --k:3; --r:1"' in html  # guided shown without JavaScript
     assert html.count('class="patch attr-img"') == K
     assert not re.search(r"<[^>]+\son[a-z]+\s*=", html)  # no inline handlers: the CSP would block them
 
@@ -180,11 +181,12 @@ def test_only_blocks_of_the_stage_width_are_compared():
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROBE = """document.addEventListener("DOMContentLoaded", function () { setTimeout(function () {
-  var img = document.querySelector(".attr-img"), patch = document.querySelector(".attr-pair img.patch");
-  var before = getComputedStyle(img).objectPosition;
+  var img = document.querySelector(".attr-img img"), patch = document.querySelector(".attr-pair .patch img");
+  var at = function (el) { var s = getComputedStyle(el); return s.marginLeft + " " + s.marginTop + " " + s.width; };
+  var before = at(img);
   document.querySelector('input[value="gradient"]').click();
-  document.body.setAttribute("data-probe", [before, getComputedStyle(img).objectPosition,
-    getComputedStyle(patch).objectPosition, document.querySelector('[data-attr-note="gradient"]').hidden].join("|"));
+  document.body.setAttribute("data-probe", [before, at(img), at(patch),
+    document.querySelector('[data-attr-note="gradient"]').hidden].join("|"));
 }, 50); });"""
 
 
@@ -207,4 +209,5 @@ def test_switch_changes_the_sprite_row_under_the_pages_csp(site, tmp_path):
     probe = re.search(r'data-probe="([^"]*)"', dom)
     assert probe, dom[-2000:]
     before, after, patch, hidden = probe.group(1).split("|")
-    assert (before, after, patch, hidden) == ("0px -32px", "0px -96px", "0px 0px", "false")
+    # Row 1 (guided), then row 3 (gradient); the patch stays on row 0; the sheet drawn K cells wide.
+    assert (before, after, patch, hidden) == ("0px -32px 96px", "0px -96px 96px", "0px 0px 96px", "false")

@@ -25,7 +25,7 @@ from ...crops import crop_box
 from ...passes.attribution import activation_report, attribute_units, unit_crops
 from ...planning import SiteItem
 from ..pages import Page, RenderOptions, channel_url, layer_url, slug, sprite_url
-from ..patches import encode, sprite
+from ..patches import sprite_bytes
 from ..sizing import row0_bytes, sample_units, texts
 from .base import View
 from ..stages import Stage, find_stages
@@ -289,10 +289,10 @@ class AttributionView(View):
                        for i, x, y in zip(plan.image, plan.x0, plan.y0)]
             rows = [patches]
             n = len(patches)
-            sizes_so_far = [len(encode(sprite(rows, cfg.site.patch_size, n), cfg.site.image_format))]
+            sizes_so_far = [len(sprite_bytes(rows, cfg.site.patch_size, n, cfg.site.image_format))]
             for m in methods:
                 rows.append(list(crops[m]))
-                sizes_so_far.append(len(encode(sprite(rows, cfg.site.patch_size, n), cfg.site.image_format)))
+                sizes_so_far.append(len(sprite_bytes(rows, cfg.site.patch_size, n, cfg.site.image_format)))
             base = max(1, sizes_so_far[0])
             return {m: max(0.0, (sizes_so_far[i + 1] - sizes_so_far[i]) / base) for i, m in enumerate(methods)}
 

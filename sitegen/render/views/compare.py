@@ -31,7 +31,7 @@ from ...planning import SiteItem
 from ...passes.topk import channel_top
 from ..colormap import categories
 from ..pages import TILES_PER_PAGE, Page, channel_url, layer_url, slug
-from ..patches import save_image, sprite
+from ..patches import save_image, save_sprite
 from ..workers import resolve
 from .base import View
 from .image_files import image_url, picture_url, safe_pixels
@@ -472,7 +472,7 @@ class CompareView(View):
             info = ctx.layers[li]
             patches = [crop_box(pixels(e["index"]), display_box(info.rf.box(*e["fmap_yx"]), ctx.input_size))
                        for e in self._old_top(results, atlas, li, c)]
-            save_image(sprite([patches], opts.patch_size, max(atlas["k"], 1)), out / old_sprite_url(name, c, fmt), fmt)
+            save_sprite([patches], opts.patch_size, max(atlas["k"], 1), out / old_sprite_url(name, c, fmt), fmt)
 
         jobs = [functools.partial(old_sprite, li, layer["name"], c)
                 for li, layer in enumerate(atlas["layers"]) for c in range(len(layer["channels"]))]
