@@ -77,7 +77,8 @@ def test_sprite_rows_are_patches_then_one_row_per_method(site):
             sheet = np.asarray(Image.open(out / "img" / layer / f"{c}.png").convert("RGB"))
             boxes = [display_box(tuple(e["box_xyxy"]), ctx.input_size) for e in atlas["layers"][li]["channels"][c]["top"]]
             extra = sum(len(v.sprite_rows(ctx, atlas, results, li, c, boxes)) for v in others)
-            side = min(PATCH, boxes[0][2] - boxes[0][0])  # cells at the window's own pixels, at most the patch
+            w = boxes[0][2] - boxes[0][0]
+            side = w if 3 * w <= PATCH else PATCH  # cells at the window's own pixels up to a third of the patch
             assert sheet.shape[:2] == ((1 + len(methods) + extra) * side, K * side)
             for row, m in enumerate(methods, start=1):
                 for j, crop in enumerate(unit_crops(r, layer, c, m)):

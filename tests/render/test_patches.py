@@ -47,6 +47,15 @@ def test_large_windows_are_shrunk_to_the_patch_size_and_coded_lossy():
     assert _decode(data).shape == (96, 4 * 96, 3)
 
 
+def test_windows_over_a_third_of_the_patch_are_enlarged_and_coded_lossy_as_before():
+    # Lossless at their own pixels would be larger than lossy at 96 px for photographs from here.
+    rows = [_cells(4, 33)]
+    assert cell_size(rows, 96) == 96 and cell_size([_cells(1, 32)], 96) == 32
+    data = sprite_bytes(rows, 96, 4, "webp")
+    assert data[12:16] == b"VP8 "
+    assert _decode(data).shape == (96, 4 * 96, 3)
+
+
 def test_cells_of_two_sizes_take_the_larger_and_enlarge_the_smaller():
     patches, attributions = _cells(3, 24), _cells(3, 12, seed=2)
     assert cell_size([patches, attributions], 96) == 24
