@@ -58,16 +58,12 @@ def sprite(rows: list[list[np.ndarray]], size: int, columns: int) -> np.ndarray:
 
 def sprite_bytes(rows: list[list[np.ndarray]], size: int, columns: int, fmt: str) -> bytes:
     """The sprite file's bytes: lossless where the page enlarges its cells (smaller than ``size``)."""
-    sheet = sprite(rows, size, columns)
-    return encode(sheet, fmt, lossless=sheet.shape[1] < columns * size)
+    return encode(sprite(rows, size, columns), fmt, lossless=cell_size(rows, size) < size)
 
 
 def save_sprite(rows: list[list[np.ndarray]], size: int, columns: int, path: Path, fmt: str) -> int:
     """Write a sprite (:func:`sprite_bytes`); returns its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = sprite_bytes(rows, size, columns, fmt)
-    path.write_bytes(data)
-    return len(data)
+    return _write(path, sprite_bytes(rows, size, columns, fmt))
 
 
 def encode(arr: np.ndarray, fmt: str = "png", lossless: bool = False) -> bytes:
@@ -86,7 +82,10 @@ def encode(arr: np.ndarray, fmt: str = "png", lossless: bool = False) -> bytes:
 
 def save_image(arr: np.ndarray, path: Path, fmt: str = "png") -> int:
     """Write an image; returns its size in bytes."""
+    return _write(path, encode(arr, fmt))
+
+
+def _write(path: Path, data: bytes) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode(arr, fmt)
     path.write_bytes(data)
     return len(data)
