@@ -162,8 +162,8 @@ class BuildContext:
 
     def bytes_per_image(self) -> int:
         """Memory one image's pass may hold: every discovered layer's float32 output, three times
-        (a backward keeps the activations, their gradients and the copies of the ReLUs' inputs), which bounds the
-        attribution and feature-vis passes; the dataset pass holds far less."""
+        (a backward keeps the activations, their gradients and the copies of the ReLUs' inputs),
+        which bounds the attribution and feature-vis passes; the dataset pass holds far less."""
         return 3 * 4 * sum(int(torch.Size(l.shape).numel()) for l in self.all_layers) + 3 * 4 * \
             self.input_size[0] * self.input_size[1]
 
