@@ -200,7 +200,8 @@ class SiteConfig:
     at their own pixels and enlarged by the page)."""
     image_format: str = "webp"
     """Channel sprites as ``webp`` (lossy, quality 90; lossless where the page enlarges the windows)
-    or ``png`` (lossless); see docs/size.md for the measurements behind the default."""
+    or ``png`` (lossless); activation-map pictures in the same format, lossless in both; see
+    docs/size.md for the measurements behind the default."""
     dull_ratio: float = 0.05
     """A channel is dull when the std of its spatial means over the images is below this fraction of
     its layer's median std (and it is not dead): it barely varies, whatever the image."""

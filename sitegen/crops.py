@@ -51,6 +51,10 @@ def crop_box(pixels: np.ndarray, box: tuple[int, int, int, int], fill: int = GRE
 
 
 def resize_square(patch: np.ndarray, size: int) -> np.ndarray:
+    """``patch`` (H, W[, C] uint8) as a ``size`` × ``size`` picture; ``patch`` itself where it already
+    is one (a sprite of windows at their own pixels: no round trip through PIL per window)."""
+    if patch.shape[:2] == (size, size):
+        return patch
     img = Image.fromarray(patch)
     if img.size != (size, size):
         # Enlarging small fields with NEAREST keeps pixels visible; shrinking large ones with BOX

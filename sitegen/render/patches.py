@@ -80,9 +80,9 @@ def encode(arr: np.ndarray, fmt: str = "png", lossless: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def save_image(arr: np.ndarray, path: Path, fmt: str = "png") -> int:
-    """Write an image; returns its size in bytes."""
-    return _write(path, encode(arr, fmt))
+def save_image(arr: np.ndarray, path: Path, fmt: str = "png", lossless: bool = False) -> int:
+    """Write an image (:func:`encode`); returns its size in bytes."""
+    return _write(path, encode(arr, fmt, lossless))
 
 
 def _write(path: Path, data: bytes) -> int:

@@ -28,6 +28,7 @@ from sitegen.render.colormap import overlay, upscale, viridis
 from sitegen.render.pages import RenderOptions
 from sitegen.render.site import render
 from sitegen.render.views.image_files import activations_url, display_factor, image_url, picture_url
+from sitegen.render.views.activations import map_grid
 
 CLASSES = ["c0", "c<1>", 'c"2']  # folder names a page must show as text
 
@@ -164,6 +165,8 @@ def test_activation_grid_marks_never_active_maps(site):
     for li in range(2):
         picture = np.asarray(Image.open(out / f"img/activations/{n}/L{li}.png").convert("RGB"))
         never = a[f"L{li}.max"][0] <= 0
+        # lossless: the file holds the drawn grid pixel for pixel (PNG here, WebP lossless by default)
+        np.testing.assert_array_equal(picture, map_grid(a[f"L{li}.maps"][0], float(a[f"L{li}.max"][0].max()), never)[0])
         page = (out / activations_url(ctx.images.records[n].rel)).read_text(encoding="utf-8")
         if never.any():
             assert (picture == [200, 30, 30]).all(-1).any()
@@ -188,3 +191,25 @@ def test_image_pages_link_each_other_by_name_and_keep_the_image(site):
     for n in results["activations"].arrays["images"].tolist():
         page = parse(out / activations_url(ctx.images.records[n].rel))
         assert f"../{image_url(ctx.images.records[n].rel)}" in page.urls
+
+
+def test_activation_pictures_follow_the_image_format_losslessly(site, tmp_path):
+    """With ``site.image_format = "webp"`` (the default) the pictures are WebP lossless: the same
+    pixels as the drawn grid; the pages point at them."""
+    from sitegen.render.views.activations import ActivationsView
+
+    _, ctx, results = site
+    a = results["activations"].arrays
+    opts = RenderOptions(title="views", patch_size=16, image_format="webp")
+    view = ActivationsView()
+    for job in view.draw_jobs(ctx, {}, results, tmp_path, opts):
+        job()
+    n = int(a["images"][0])
+    for li in range(2):
+        with Image.open(tmp_path / f"img/activations/{n}/L{li}.webp") as img:
+            assert img.format == "WEBP"
+            picture = np.asarray(img.convert("RGB"))
+        mx = a[f"L{li}.max"][0]
+        np.testing.assert_array_equal(picture, map_grid(a[f"L{li}.maps"][0], float(mx.max()), mx <= 0)[0])
+    page = next(p for p in view.pages(ctx, {}, results, opts) if p.template == "activations_image.html")
+    assert all(layer["src"].endswith(".webp") for layer in page.context["layers"])
