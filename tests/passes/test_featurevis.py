@@ -171,6 +171,22 @@ def test_redirected_relu_backward_by_hand():
     assert torch.equal(gx, torch.tensor([[0.5, 0.0, 0.0], [0.5, 0.0, 3.0]]))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_redirected_relu_in_place_or_not_and_at_exactly_zero(inplace):
+    """In place (torchvision's ``ReLU(inplace=True)``) the same output and gradient as not; an input
+    of exactly 0 has no ordinary gradient and, in a blocked sample, lets only a raising gradient
+    through (as a negative input)."""
+    x = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, -3.0]], requires_grad=True)
+    g = torch.tensor([[1.0, -1.0, 1.0], [-2.0, 2.0, 3.0]])
+    h = x * 1.0  # a non-leaf, which an in-place ReLU may overwrite
+    y = fv._RedirectedReLU.apply(h, inplace)
+    assert torch.equal(y.detach(), torch.relu(x.detach()))
+    (gx,) = torch.autograd.grad(y, x, g)
+    # Row 0: ordinary (the 2.0 passes its gradient); row 1 blocked: redirected, the -2.0 at an
+    # input of 0 would lower it and is dropped.
+    assert torch.equal(gx, torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 3.0]]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_redirected_relu_blocks_exactly_the_samples_without_gradient(dtype):
     # 4-D channels-last maps, as the steps run them: sample 0 has an ordinary gradient at a single
@@ -189,7 +205,7 @@ def test_redirected_relu_blocks_exactly_the_samples_without_gradient(dtype):
     (got,) = torch.autograd.grad(fv._RedirectedReLU.apply(x, False), x, grad)
     xd = x.detach()
     ordinary = torch.where(xd > 0, grad, torch.zeros_like(grad))
-    redirected = torch.where((xd < 0) & (grad < 0), torch.zeros_like(grad), grad)
+    redirected = torch.where((xd <= 0) & (grad < 0), torch.zeros_like(grad), grad)
     want = torch.stack([ordinary[0], redirected[1], redirected[2], ordinary[3]])
     assert torch.equal(got, want)
     assert got[0].count_nonzero() == 1
