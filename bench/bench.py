@@ -105,6 +105,7 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
     from sitegen.passes.base import Cache
     from sitegen.render.pages import RenderOptions
     from sitegen.render.site import render
+    from sitegen.workpool import keep_freed_memory
 
     progress.set_quiet(True)
     table = {"model": {"arch": ARCH}}
@@ -116,6 +117,7 @@ def child(n: int, work: Path, topk_only: bool, compare: Path | None = None) -> d
         model = compare
     cfg = from_dict(table)
     images = image_folder(n, work)
+    keep_freed_memory()  # as sitegen.build.build does (the reference forwards too)
     t0 = time.perf_counter()
     ctx = prepare(model, images, cfg, work / "layer-cache")
     prepare_s = time.perf_counter() - t0

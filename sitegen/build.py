@@ -32,6 +32,7 @@ from .passes import default_passes
 from .passes.base import Cache, Result, run_cached
 from .render.pages import RenderOptions
 from .render.site import asset_files, render
+from .workpool import keep_freed_memory
 
 
 def default_cache_dir() -> Path:
@@ -262,6 +263,10 @@ def _build(model_path: str | Path, images_dir: str | Path, out: Path, cfg: Confi
            cache_dir: Path | None, *, plan_only: bool = False) -> BuildReport:
     from .plan import comparison, make_plan
 
+    # A build allocates and frees maps of a few MiB in every batch: by default glibc hands each back
+    # to the system and faults fresh pages in for the next (a bare forward of the shared ResNet-56
+    # over 10,000 images 21.5 s against 17.0 s with the memory kept; its pass workers keep it too).
+    keep_freed_memory()
     t0 = time.perf_counter()
     ctx = prepare(model_path, images_dir, cfg, cache_dir, exclude=(out,))
     report = BuildReport(index=out / "index.html", images=len(ctx.images))
