@@ -9,7 +9,7 @@ from sitegen.build import prepare
 from sitegen.config import from_dict
 from sitegen.hooks import capture_outputs, model_guard
 from sitegen.passes import topk as topk_mod
-from sitegen.passes.topk import TopKPass, channel_top
+from sitegen.passes.topk import TopKPass, channel_top, stable_top
 
 
 def brute_force(ctx, k):
@@ -174,3 +174,22 @@ def test_checkpoint_from_a_job_split_another_way_is_not_resumed(tmp_path):
         fresh = reducers()
         assert Checkpoint(tmp_path, 0, every=1, shard=other).restore(fresh, torch.device("cpu")) == (0, [])
         assert fresh["a"].stats.n == 0
+
+
+@pytest.mark.parametrize("width", [1, 5, 9, 10, 300])
+def test_stable_top_picks_what_a_stable_descending_sort_does(width):
+    """The keyed selection against the stable sort it replaces: random values with many ties,
+    signed zeros (equal, so the lower column first), infinities and NaN (the largest, as the sort
+    orders it), and float64 (which takes the sort)."""
+    g = torch.Generator().manual_seed(width)
+    v = torch.randint(-3, 4, (40, width), generator=g).float() / 2  # few distinct values: ties
+    v[torch.rand(v.shape, generator=g) < 0.1] = -0.0
+    v[torch.rand(v.shape, generator=g) < 0.05] = float("-inf")
+    v[torch.rand(v.shape, generator=g) < 0.05] = float("inf")
+    v[torch.rand(v.shape, generator=g) < 0.05] = float("nan")
+    v[0] = -torch.arange(width, dtype=torch.float32) * 1e-40  # denormals, all different
+    v[1] = -float("nan")  # a NaN whose sign bit is set
+    v = torch.cat([v, torch.randn(40, width, generator=g)])
+    for values in (v, v.double()):
+        expected = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :9]
+        assert torch.equal(stable_top(values, 9), expected)
