@@ -163,7 +163,9 @@ class LayerReducer:
         """The buffers' next ``n`` rows (maxima, sums, positions (N, C); ids (N,))."""
         need = self._rows + n
         if self._buffers is None or need > len(self._buffers[0]):
-            cap = max(need, 2 * len(self._buffers[0])) if self._buffers is not None else n
+            # A window holds fewer than WINDOW_IMAGES + one batch's rows (the pass merges once
+            # it holds WINDOW_IMAGES or more).
+            cap = max(need, min(2 * len(self._buffers[0]), WINDOW_IMAGES + n)) if self._buffers is not None else n
             grown = (torch.empty((cap, c), dtype=torch.float32, device=device),
                      torch.empty((cap, c), dtype=torch.float32, device=device),
                      torch.empty((cap, c), dtype=torch.int64, device=device),
