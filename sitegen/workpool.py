@@ -119,9 +119,10 @@ def keep_freed_memory() -> bool:
     process (whose freed memory it keeps, at most the build's peak) and its pass workers (whose
     memory goes back to the system when they end).  A bare forward of the shared ResNet-56 over
     the 10,000 CIFAR images, two threads: 17.0 s with it against 21.5 s without.  In the pass
-    workers, one thread each: feature visualisation 2-4 % faster by layer, the attribution of 64 units 1-12 %; with it, the
-    attribution's ReLU rule could copy its input instead of keeping a bool mask (8 % faster again,
-    :class:`sitegen.activation_rules._RectifiedReLU`)."""
+    workers, one thread each: feature visualisation 2-4 % faster by layer, the attribution of 64
+    units 1-12 %; with it, the attribution's ReLU rule could copy its input instead of keeping a
+    bool mask (8 % faster again, :class:`sitegen.activation_rules._RectifiedReLU`).  Setting it
+    again (a worker forked from a build inherits it) changes nothing."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -194,7 +194,7 @@ class LayerReducer:
         self._rows += len(maxima)
 
     def flush(self) -> None:
-        if not self._rows or self._buffers is None:
+        if not self._rows:  # nothing buffered since the last merge
             return
         maxima, sums, pos, ids = (b[:self._rows] for b in self._buffers)
         good = torch.isfinite(maxima[:, 0])
